@@ -1,0 +1,56 @@
+# cxr_fast — every command a user needs. `make demo` and `make test` set everything up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Keep compiler caches and temporary files inside the project, not in /tmp.
+export TMPDIR := $(CURDIR)/build/tmp
+export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/build/inductor
+export MPLCONFIGDIR := $(CURDIR)/build/matplotlib
+
+PHANTOM_DIR ?= data/phantom
+PHANTOM_IMAGES ?= 3000
+PHANTOM_SEED ?= 0
+SHARD_SIZE ?= 256
+SHARDS ?= shards/phantom
+
+.PHONY: setup test shards demo bench clean help
+help:
+	@echo "make setup   create .venv and install everything (torch pinned, see constraints.txt)"
+	@echo "make shards  build the phantom data set and shard it to $(SHARDS)/ (or real MIMIC: MIMIC_CXR=... MIMIC_IV=... make shards)"
+	@echo "make demo    the whole chain on the built-in phantom data: shards, train, predict, analyze"
+	@echo "make test    the test suite (CPU, a few minutes)"
+	@echo "make bench   the CPU benchmark suite; writes benchmarks/results/ and BENCHMARKS.md"
+
+setup: $(STAMP)
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: otherwise pip may resolve a multi-GB build of another version.
+	$(PY) -m pip install -q -c constraints.txt torch torchvision
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	mkdir -p $(TMPDIR) $(TORCHINDUCTOR_CACHE_DIR) $(MPLCONFIGDIR)
+	touch $(STAMP)
+
+dirs:
+	@mkdir -p $(TMPDIR) $(TORCHINDUCTOR_CACHE_DIR) $(MPLCONFIGDIR)
+
+test: setup dirs
+	WANDB_MODE=disabled $(PY) -m pytest -q
+
+ifdef MIMIC_CXR
+shards: setup dirs
+	$(PY) tools/shard_dataset.py --source mimic --root $(MIMIC_CXR) $(if $(MIMIC_IV),--demographics $(MIMIC_IV)) --out shards/mimic --size 256
+else
+shards: setup dirs $(SHARDS)/manifest.parquet
+$(PHANTOM_DIR)/phantom_truth.json:
+	$(PY) -m cxr_fast.data.phantom --out $(PHANTOM_DIR) --n-images $(PHANTOM_IMAGES) --seed $(PHANTOM_SEED)
+$(SHARDS)/manifest.parquet: $(PHANTOM_DIR)/phantom_truth.json
+	$(PY) tools/shard_dataset.py --source mimic --root $(PHANTOM_DIR)/mimic-cxr-jpg \
+	    --demographics $(PHANTOM_DIR)/mimic-iv --out $(SHARDS) --size 256 --shard-size $(SHARD_SIZE)
+endif
+
+clean:
+	rm -rf build shards data/phantom weights runs all_pred reports wandb

@@ -1,0 +1,35 @@
+"""User-facing errors: one line that names the file and the problem, then a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, NoReturn
+
+
+class CxrError(Exception):
+    """A problem with the user's input or environment that a message can explain.
+
+    Raised anywhere in the library; the command-line entry points turn it into one line on
+    stderr and exit status 2, so tracebacks are kept for real bugs.
+    """
+
+
+EXIT_USER_ERROR = 2
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> NoReturn:
+    """Run a `main(argv)` and exit with its status; a CxrError becomes `error: <message>`."""
+    try:
+        status = main(argv)
+    except CxrError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except BrokenPipeError:
+        # `... | head` closed the pipe: not an error. Silence the flush at exit too.
+        sys.stdout = open(os.devnull, "w")
+        sys.exit(0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(status or 0)

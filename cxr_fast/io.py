@@ -1,0 +1,88 @@
+"""Files that are either complete or absent: every writer goes through a temporary name."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pandas as pd
+
+from cxr_fast.errors import CxrError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; rename it over `path` only if the block succeeds.
+
+    The temporary name keeps the final suffix hidden behind `.tmp-<pid>` so globbing for
+    final files (`*.tar`, `*.parquet`) never sees a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+    write_bytes(path, text.encode())
+
+
+def _json_default(value: Any) -> Any:
+    # numpy scalars and paths show up in counts and configs; write them as plain JSON.
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def write_parquet(path: str | os.PathLike, frame: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def write_csv(path: str | os.PathLike, frame: pd.DataFrame) -> None:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".gz":
+            # mtime=0 keeps gzip output byte-identical between runs.
+            with gzip.GzipFile(tmp, "wb", mtime=0) as handle:
+                handle.write(frame.to_csv(index=False).encode())
+        else:
+            frame.to_csv(tmp, index=False)
+
+
+def read_table(path: str | os.PathLike, *, columns: Iterable[str] = (), **read_csv_args: Any) -> pd.DataFrame:
+    """Read a CSV (plain or .gz) or parquet file; name the file in any error.
+
+    `columns` are required: a missing one is a CxrError that names it and the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CxrError(f"{path}: file not found")
+    try:
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            frame = pd.read_csv(path, **read_csv_args)
+    except (ValueError, OSError, UnicodeDecodeError, EOFError) as error:
+        raise CxrError(f"{path}: cannot be read as a table ({error})") from error
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise CxrError(f"{path}: missing column(s) {', '.join(map(repr, missing))}")
+    return frame

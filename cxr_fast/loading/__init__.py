@@ -1,0 +1,62 @@
+"""Loaders: the sampler's index list in, augmented float batches on the training device out.
+
+`resident` decodes a split once onto the device; `dali` streams JPEGs through a DALI
+pipeline for data that does not fit. `auto` picks `resident` when the split fits the
+device-memory budget, else `dali` (never `dali` when DALI is not installed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from cxr_fast.errors import CxrError
+from cxr_fast.loading.augment import AugmentSettings
+
+DALI_INSTALL_HINT = (
+    "DALI is not installed; on Linux x86_64: pip install nvidia-dali-cuda130 "
+    "(or use loader=resident)"
+)
+
+
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def choose_loader(requested: str, *, n_images: int, settings: AugmentSettings, device: torch.device, budget: float) -> str:
+    from cxr_fast.loading.resident import ResidentLoader
+
+    if requested == "dali" and not dali_available():
+        raise CxrError(DALI_INSTALL_HINT)
+    if requested != "auto":
+        return requested
+    fits = ResidentLoader.bytes_needed(n_images, settings) <= budget * device_memory_bytes(device)
+    if fits or not dali_available():
+        return "resident"
+    return "dali"
+
+
+def make_loader(kind: str, rows: pd.DataFrame, shards_dir: Path, settings: AugmentSettings, *,
+                device: torch.device, batch_size: int, seed: int = 0, threads: int = 0):
+    if kind == "resident":
+        from cxr_fast.loading.resident import ResidentLoader
+
+        return ResidentLoader(rows, shards_dir, settings, device=device, batch_size=batch_size, seed=seed, threads=threads)
+    if kind == "dali":
+        if not dali_available():
+            raise CxrError(DALI_INSTALL_HINT)
+        from cxr_fast.loading.dali import DaliLoader
+
+        return DaliLoader(rows, shards_dir, settings, device=device, batch_size=batch_size, seed=seed, threads=threads)
+    raise CxrError(f"unknown loader {kind!r}; choose resident, dali or auto")

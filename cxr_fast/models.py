@@ -1,0 +1,112 @@
+"""Architecture registry: the study's 19 slugs (+ CPU-sized ones) -> timm models.
+
+Every model is built with `in_chans=1, num_classes=1`: grayscale in, one logit out. timm
+adapts a pretrained RGB stem to one channel by summing its filters over colour.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cxr_fast.errors import CxrError
+
+
+@dataclass(frozen=True)
+class Arch:
+    slug: str
+    timm_name: str          # current timm name with its pretrained tag (no deprecated aliases)
+    image_size: int         # native input size, px
+    batch_size: int         # per-GPU default that fits an 80 GB H100 at native size in bf16
+    study: bool = True      # one of the 19 architectures of the study
+
+    @property
+    def pretrained_tag(self) -> str:
+        return self.timm_name.partition(".")[2]
+
+
+_STUDY = [
+    Arch("convnext_large", "convnext_large.fb_in1k", 224, 128),
+    Arch("convnext_base", "convnext_base.fb_in1k", 224, 192),
+    # originally `convnext_base_384_in22ft1k` (deprecated alias)
+    Arch("convnext_base_384", "convnext_base.fb_in22k_ft_in1k_384", 384, 64),
+    Arch("efficientnet_b0", "efficientnet_b0.ra_in1k", 224, 256),
+    # originally `resmlp_36_distilled_224` (deprecated alias)
+    Arch("resmlp_36", "resmlp_36_224.fb_distilled_in1k", 224, 192),
+    Arch("beit_base", "beit_base_patch16_224.in22k_ft_in22k_in1k", 224, 192),
+    Arch("levit_256", "levit_256.fb_dist_in1k", 224, 256),
+    Arch("levit_384", "levit_384.fb_dist_in1k", 224, 256),
+    Arch("regnety_008", "regnety_008.pycls_in1k", 224, 256),
+    Arch("densenet121", "densenet121.tv_in1k", 224, 192),
+    Arch("convnext_tiny", "convnext_tiny.fb_in1k", 224, 256),
+    Arch("vit_base", "vit_base_patch16_224.augreg2_in21k_ft_in1k", 224, 192),
+    Arch("mobilevit_xs", "mobilevit_xs.cvnets_in1k", 256, 256),
+    Arch("deit3_small", "deit3_small_patch16_224.fb_in1k", 224, 256),
+    Arch("efficientformer_l1", "efficientformer_l1.snap_dist_in1k", 224, 256),
+    Arch("mixer_b16", "mixer_b16_224.goog_in21k_ft_in1k", 224, 192),
+    Arch("resnet50", "resnet50.a1_in1k", 224, 256),
+    Arch("beit_large", "beit_large_patch16_224.in22k_ft_in22k_in1k", 224, 64),
+    Arch("swin_base", "swin_base_patch4_window7_224.ms_in22k_ft_in1k", 224, 128),
+]
+
+# CPU-sized models for demos and tests: timm's `test_*` nets (a few hundred k parameters),
+# trained from scratch at 64 px (recipes/archs.yaml turns pretrained off for them).
+_SMALL = [
+    Arch("test_resnet", "test_resnet", 64, 64, study=False),
+    Arch("test_convnext", "test_convnext", 64, 64, study=False),
+    Arch("test_efficientnet", "test_efficientnet", 64, 64, study=False),
+    Arch("test_vit", "test_vit", 64, 64, study=False),
+]
+
+ARCHS: dict[str, Arch] = {arch.slug: arch for arch in _STUDY + _SMALL}
+STUDY_ARCHS: tuple[str, ...] = tuple(arch.slug for arch in _STUDY)
+SMALL_ARCHS: tuple[str, ...] = tuple(arch.slug for arch in _SMALL)
+
+# Archs whose positional embeddings or attention biases are tied to the input size: they
+# take `img_size` at build time so they can train at another resolution.
+_SIZE_AT_BUILD = ("vit_", "deit3_", "beit_", "swin_", "mixer_", "resmlp_", "levit_", "test_vit")
+
+
+def list_archs(pattern: str = "*", *, study_only: bool = False) -> list[str]:
+    """Slugs matching a shell-style wildcard, e.g. `convnext_*` (timm's list_models habit)."""
+    return [slug for slug, arch in ARCHS.items() if fnmatch.fnmatch(slug, pattern) and (arch.study or not study_only)]
+
+
+def get_arch(slug: str) -> Arch:
+    try:
+        return ARCHS[slug]
+    except KeyError:
+        raise CxrError(f"unknown arch {slug!r}; see `python -m cxr_fast.train --list`") from None
+
+
+def build_model(slug: str, *, pretrained: bool, image_size: int | None = None, pretrained_file: str = "") -> torch.nn.Module:
+    """The timm model for an arch, one input channel and one logit.
+
+    Pretrained weights come from the Hugging Face hub (or `pretrained_file`, a local
+    .safetensors/.pth); a failed download is a CxrError that says how to go on.
+    """
+    import timm
+
+    arch = get_arch(slug)
+    kwargs: dict = {"in_chans": 1, "num_classes": 1}
+    if image_size and image_size != arch.image_size and slug.startswith(_SIZE_AT_BUILD):
+        kwargs["img_size"] = image_size
+    if pretrained_file:
+        if not Path(pretrained_file).is_file():
+            raise CxrError(f"{pretrained_file}: pretrained_file not found")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
+    try:
+        return timm.create_model(arch.timm_name, pretrained=pretrained or bool(pretrained_file), **kwargs)
+    except OSError as error:
+        # huggingface_hub's "not reachable / not cached" errors are OSErrors.
+        raise CxrError(
+            f"{arch.timm_name}: pretrained weights could not be loaded ({_first_line(error)}); "
+            "run with pretrained=false, or pretrained_file=/path/to/weights.safetensors"
+        ) from error
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]

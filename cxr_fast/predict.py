@@ -1,0 +1,117 @@
+"""Predict with a trained recipe: `python -m cxr_fast.predict --recipe R [--split test|val|all]`.
+
+Also the original form `python -m cxr_fast.predict 1 convnext_large`. Loads
+`weights/R/best.safetensors` and the threshold chosen on validation (`best.json`) and writes
+`all_pred/R.parquet`, one row per labelled image of the split(s):
+key, dicom_id, subject_id, study_id, split, task, arch, recipe, label, prob, pred, threshold,
+sex, age, age_group, race.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cxr_fast.errors import CxrError, run_cli
+from cxr_fast.io import write_parquet
+from cxr_fast.loading import choose_loader, make_loader
+from cxr_fast.loading.augment import AugmentSettings
+from cxr_fast.loading.payloads import read_manifest
+from cxr_fast.models import build_model
+from cxr_fast.recipes import Config, load_config, parse_overrides, recipe_from_legacy
+from cxr_fast.train import compile_model, predict_probs, precision_for
+
+PREDICTION_COLUMNS = ("key", "dicom_id", "subject_id", "study_id", "split", "task", "arch", "recipe",
+                      "label", "prob", "pred", "threshold", "sex", "age", "age_group", "race")
+SPLIT_CHOICES = ("test", "val", "train", "all")
+
+
+def load_best(folder: Path, recipe: str) -> tuple[dict, dict]:
+    record_path, weights_path = folder / "best.json", folder / "best.safetensors"
+    for path in (record_path, weights_path):
+        if not path.is_file():
+            raise CxrError(f"{path}: not found; train first: python -m cxr_fast.train --recipe {recipe}")
+    from safetensors.torch import load_file
+
+    return json.loads(record_path.read_text()), load_file(str(weights_path))
+
+
+def predict(recipe: str, overrides: dict | None = None, *, split: str = "test", out_dir: Path = Path("all_pred")) -> Path:
+    """Predict with the best checkpoint; `overrides` (e.g. shards=, weights_dir=, loader=) replace
+    the settings saved at training time, which otherwise describe the model exactly."""
+    from accelerate import Accelerator
+
+    overrides = dict(overrides or {})
+    weights_dir = Path(overrides.get("weights_dir", load_config(recipe).weights_dir))
+    record, weights = load_best(weights_dir / recipe, recipe)
+    saved = {key: value for key, value in record["config"].items() if key not in ("recipe", "task", "arch")}
+    trained = load_config(recipe, saved | overrides)
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=precision_for(trained.precision, torch.device("cuda" if cuda else "cpu")),
+                              cpu=not cuda)
+    device = accelerator.device
+
+    manifest = read_manifest(trained.shards)
+    chosen = manifest if split == "all" else manifest[manifest["split"] == split]
+    rows = chosen[chosen[trained.task].notna()].reset_index(drop=True)
+    if rows.empty:
+        raise CxrError(f"{Path(trained.shards) / 'manifest.parquet'}: no labelled {split} images for task {trained.task!r}")
+
+    settings = AugmentSettings.from_config(trained)
+    kind = choose_loader(trained.loader, n_images=len(rows), settings=settings, device=device,
+                         budget=trained.device_memory_budget)
+    loader = make_loader(kind, rows, Path(trained.shards), settings, device=device,
+                         batch_size=trained.resolved_batch_size, seed=trained.seed, threads=trained.decode_threads)
+    model = build_model(trained.arch, pretrained=False, image_size=settings.image_size)
+    model.load_state_dict(weights)
+    if trained.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = accelerator.prepare(model)
+    probs = predict_probs(compile_model(model, trained, device), model, loader, np.arange(len(rows)), accelerator)
+
+    threshold = float(record["threshold"])
+    table = prediction_table(rows, probs, config=trained, threshold=threshold)
+    path = Path(out_dir) / f"{trained.recipe}.parquet"
+    write_parquet(path, table)
+    return path
+
+
+def prediction_table(rows: pd.DataFrame, probs: np.ndarray, *, config: Config, threshold: float) -> pd.DataFrame:
+    table = rows[["key", "dicom_id", "subject_id", "study_id", "split"]].copy()
+    table["task"] = config.task
+    table["arch"] = config.arch
+    table["recipe"] = config.recipe
+    table["label"] = rows[config.task].astype("float32")
+    table["prob"] = probs.astype("float32")
+    table["pred"] = (probs >= threshold).astype("int8")
+    table["threshold"] = np.float32(threshold)
+    for column in ("sex", "age", "age_group", "race"):
+        table[column] = rows[column]
+    return table[list(PREDICTION_COLUMNS)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cxr_fast.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", help="{task}_{arch}")
+    parser.add_argument("--split", choices=SPLIT_CHOICES, default="test")
+    parser.add_argument("--out-dir", type=Path, default=Path("all_pred"))
+    parser.add_argument("rest", nargs="*", help="`<label_index> <arch>` and/or key=value (shards=, weights_dir=, loader=)")
+    args = parser.parse_args(argv)
+    positional = [item for item in args.rest if "=" not in item]
+    overrides = [item for item in args.rest if "=" in item]
+    recipe = args.recipe or (recipe_from_legacy(*positional) if len(positional) == 2 else None)
+    if recipe is None or (args.recipe and positional):
+        raise CxrError("give --recipe {task}_{arch} or `<label_index> <arch>`")
+    path = predict(recipe, parse_overrides(overrides), split=args.split, out_dir=args.out_dir)
+    print(f"{recipe}: predictions -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,478 @@
+"""Train one recipe: `python -m cxr_fast.train --recipe effusion_convnext_large [key=value ...]`.
+
+Also `accelerate launch -m cxr_fast.train --recipe ...` (DDP, multi-node), the original form
+`python -m cxr_fast.train 1 convnext_large`, and `--list [PATTERN]`.
+
+One loop, top to bottom: a class-balanced epoch list -> loader batches on the device ->
+AMP forward/backward -> validation (AUROC, balanced accuracy at the val-optimal threshold)
+-> best checkpoint by val balanced accuracy -> atomic resume state. Rerunning the same
+command resumes from `weights/<recipe>/last.pt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cxr_fast.errors import CxrError, run_cli
+from cxr_fast.io import atomic_path, write_json
+from cxr_fast.loading import choose_loader, make_loader
+from cxr_fast.loading.augment import AugmentSettings
+from cxr_fast.loading.payloads import read_manifest
+from cxr_fast.loading.sampler import balanced_epoch, rank_share
+from cxr_fast.models import build_model
+from cxr_fast.recipes import Config, all_recipes, load_config, recipe_from_legacy
+from cxr_fast.validation import validation_metrics
+
+# ------------------------------------------------------------------ data
+
+
+@dataclass
+class SplitData:
+    rows: pd.DataFrame        # manifest rows of the split with a label for the task
+    labels: np.ndarray        # float32 0/1
+
+
+def task_split(manifest: pd.DataFrame, task: str, split: str) -> SplitData:
+    rows = manifest[(manifest["split"] == split) & manifest[task].notna()].reset_index(drop=True)
+    return SplitData(rows=rows, labels=rows[task].to_numpy(dtype=np.float32, copy=True))
+
+
+def load_task_data(config: Config) -> tuple[SplitData, SplitData]:
+    manifest = read_manifest(config.shards)
+    if config.task not in manifest.columns:
+        raise CxrError(f"{Path(config.shards) / 'manifest.parquet'}: no column for task {config.task!r}")
+    train, val = task_split(manifest, config.task, "train"), task_split(manifest, config.task, "val")
+    for name, data in (("train", train), ("val", val)):
+        classes = set(np.unique(data.labels).tolist())
+        if classes != {0.0, 1.0}:
+            raise CxrError(f"{config.shards}: the {name} split has no {'positive' if 1.0 not in classes else 'negative'} "
+                           f"images for task {config.task!r}; a balanced classifier cannot be trained")
+    return train, val
+
+
+# ------------------------------------------------------------------ numerics
+
+
+def precision_for(requested: str, device: torch.device) -> str:
+    """Accelerate's mixed_precision value: bf16 where the hardware has it, else fp16 (GPU) or fp32."""
+    if requested != "auto":
+        return {"fp32": "no"}.get(requested, requested)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # CPUs without native bf16 emulate it, several times slower than fp32.
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+
+
+def lr_at(step: int, *, total_steps: int, warmup_steps: int, base_lr: float, min_lr_ratio: float) -> float:
+    """Linear warmup then cosine to base_lr * min_lr_ratio: a pure function of the step."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    floor = base_lr * min_lr_ratio
+    return floor + (base_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_best(model: torch.nn.Module, path: Path, record: dict) -> None:
+    from safetensors.torch import save_file
+
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    with atomic_path(path / "best.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"recipe": record["config"]["recipe"], "epoch": str(record["epoch"])})
+    write_json(path / "best.json", record)
+
+
+def write_status(config: Config, state: "Progress", *, finished: bool) -> None:
+    """`weights/<recipe>/status.json`: what the study runner reads to skip or resume a recipe."""
+    write_json(config.weights_path / "status.json", {
+        "recipe": config.recipe, "epoch": state.epoch, "epochs": config.epochs, "finished": finished,
+        "best_epoch": state.best_epoch, "best_balanced_accuracy": state.best_score,
+    })
+
+
+@dataclass
+class Progress:
+    """What survives a restart besides weights and optimiser: the loop's own state."""
+    epoch: int = 0                      # epochs completed
+    step: int = 0                       # optimiser steps taken
+    best_score: float = -1.0
+    best_epoch: int = -1
+    epochs_since_best: int = 0
+    history: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ logging
+
+
+class MetricsLog:
+    """`runs/<recipe>/metrics.jsonl` always; W&B too unless logger=none (offline without a login)."""
+
+    def __init__(self, config: Config, *, enabled: bool, resume_epoch: int):
+        self.path = config.run_path / "metrics.jsonl"
+        self.enabled = enabled
+        self.wandb = None
+        if not enabled:
+            return
+        self._truncate_after(resume_epoch)
+        if config.logger == "wandb":
+            self.wandb = _start_wandb(config)
+
+    def _truncate_after(self, epoch: int) -> None:
+        # A run killed mid-epoch may have logged epochs that the resume will redo.
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("epoch", 0) <= epoch]
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(config: Config):
+    try:
+        import wandb
+    except ImportError:
+        print("wandb is not installed: logging to metrics.jsonl only", file=sys.stderr)
+        return None
+    mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
+    if mode == "disabled":
+        return None
+    config.run_path.mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=config.wandb_project, name=config.recipe, id=config.recipe.replace("/", "-"),
+                      resume="allow", dir=str(config.run_path), config=config.to_dict(), mode=mode)
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+# ------------------------------------------------------------------ the run
+
+
+class NonFiniteLoss(CxrError):
+    pass
+
+
+def train(config: Config, *, progress_bar: bool = True) -> dict:
+    """Train (or resume) one recipe; return a summary (best epoch, metrics, throughput)."""
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    accelerator = Accelerator(mixed_precision=precision_for(config.precision, device),
+                              gradient_accumulation_steps=config.grad_accum, cpu=not cuda)
+    device = accelerator.device
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(config.seed)
+
+    train_data, val_data = load_task_data(config)
+    settings = AugmentSettings.from_config(config)
+    batch_size = config.resolved_batch_size
+    kind = choose_loader(config.loader, n_images=len(train_data.rows) + len(val_data.rows), settings=settings,
+                         device=device, budget=config.device_memory_budget)
+    loaders = {name: make_loader(kind, data.rows, Path(config.shards), settings, device=device,
+                                 batch_size=batch_size, seed=config.seed, threads=config.decode_threads)
+               for name, data in (("train", train_data), ("val", val_data))}
+
+    model = build_model(config.arch, pretrained=config.pretrained, image_size=settings.image_size,
+                        pretrained_file=config.pretrained_file)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    state = Progress()
+    last_path = config.weights_path / "last.pt"
+    if last_path.is_file():
+        state = resume(last_path, accelerator, model, optimizer, config)
+    if state.epoch >= config.epochs:
+        accelerator.print(f"{config.recipe}: already trained {state.epoch} epochs (best epoch {state.best_epoch}); nothing to do")
+        return summary(config, state, kind)
+
+    forward = compile_model(model, config, device)
+    steps_per_epoch = steps_in_epoch(train_data, config, batch_size, accelerator.num_processes)
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    labels_on_device = torch.as_tensor(train_data.labels, device=device)
+    log = MetricsLog(config, enabled=accelerator.is_main_process, resume_epoch=state.epoch)
+    if accelerator.is_main_process:
+        write_json(config.run_path / "config.json", config.to_dict() | {"loader_used": kind})
+
+    try:
+        for epoch in range(state.epoch, config.epochs):
+            indices = rank_share(balanced_epoch(train_data.labels, seed=config.seed, epoch=epoch),
+                                 rank=accelerator.process_index, world_size=accelerator.num_processes)
+            if config.max_steps_per_epoch:
+                indices = indices[: config.max_steps_per_epoch * batch_size * config.grad_accum]
+            model.train()
+            started = time.perf_counter()
+            waited = 0.0
+            seen = 0
+            bad = torch.zeros((), dtype=torch.bool, device=device)
+            loss_sum = torch.zeros((), device=device)
+            bar = tqdm(total=len(indices) // batch_size, desc=f"{config.recipe} {epoch + 1}/{config.epochs}",
+                       disable=not (progress_bar and accelerator.is_main_process), leave=False)
+            batches = loaders["train"].train_batches(indices, epoch=epoch)
+            for batch_number in range(len(indices) // batch_size):
+                tick = time.perf_counter()
+                images = next(batches)
+                waited += time.perf_counter() - tick
+                if config.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                target = labels_on_device[torch.as_tensor(indices[batch_number * batch_size:(batch_number + 1) * batch_size], device=device)]
+                with accelerator.accumulate(model):
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_at(state.step, total_steps=total_steps, warmup_steps=warmup_steps,
+                                            base_lr=config.lr, min_lr_ratio=config.min_lr_ratio)
+                    logits = forward(images).float().squeeze(1)
+                    loss = loss_fn(logits, target)
+                    accelerator.backward(loss)
+                    if config.clip_grad and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), config.clip_grad)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    state.step += 1
+                bad |= ~torch.isfinite(loss.detach())
+                loss_sum += loss.detach()
+                seen += len(images)
+                if (batch_number + 1) % config.log_every == 0:
+                    check_finite(bad, config, epoch, batch_number)  # the only host sync in the loop
+                    bar.set_postfix(loss=f"{loss_sum.item() / (batch_number + 1):.4f}",
+                                    img_s=f"{seen / (time.perf_counter() - started):.0f}",
+                                    data_wait=f"{waited / (time.perf_counter() - started):.0%}")
+                bar.update()
+            bar.close()
+            n_batches = max(1, len(indices) // batch_size)
+            check_finite(bad, config, epoch, n_batches)
+            train_seconds = time.perf_counter() - started
+            val = evaluate(forward, model, loaders["val"], val_data, accelerator)
+            record = {"epoch": epoch + 1, "step": state.step, "train_loss": loss_sum.item() / n_batches,
+                      "images_per_second": seen * accelerator.num_processes / max(train_seconds, 1e-9),
+                      "data_wait_share": waited / max(train_seconds, 1e-9), "lr": optimizer.param_groups[0]["lr"],
+                      **{f"val_{key}": value for key, value in val.items()}}
+            state = end_of_epoch(state, record, val, model, optimizer, accelerator, config)
+            log.log(record)
+            accelerator.print(epoch_line(config, record))
+            stop_early = bool(config.early_stopping) and state.epochs_since_best >= config.early_stopping
+            if accelerator.is_main_process:
+                write_status(config, state, finished=stop_early or state.epoch >= config.epochs)
+            if stop_early:
+                accelerator.print(f"{config.recipe}: early stop, no better val balanced accuracy for {config.early_stopping} epochs")
+                break
+    finally:
+        log.close()
+    return summary(config, state, kind)
+
+
+def steps_in_epoch(data: SplitData, config: Config, batch_size: int, world_size: int) -> int:
+    minority = int(min(data.labels.sum(), len(data.labels) - data.labels.sum()))
+    batches = (2 * minority // world_size) // batch_size
+    if config.max_steps_per_epoch:
+        batches = min(batches, config.max_steps_per_epoch * config.grad_accum)
+    if batches == 0:
+        raise CxrError(f"{config.recipe}: a balanced epoch has {2 * minority} images, fewer than one batch of "
+                       f"{batch_size} per process; lower batch_size")
+    return max(1, batches // config.grad_accum)
+
+
+def check_finite(bad: torch.Tensor, config: Config, epoch: int, batch: int) -> None:
+    if bool(bad):
+        raise NonFiniteLoss(
+            f"{config.recipe}: the loss became NaN/inf in epoch {epoch + 1} by batch {batch + 1}; "
+            f"the last good checkpoint is kept in {config.weights_path / 'last.pt'} "
+            f"(try a lower lr than {config.lr}, or precision=fp32)"
+        )
+
+
+def compile_model(model: torch.nn.Module, config: Config, device: torch.device):
+    """The callable used for forward passes; compiled on CUDA by default (costly, useless on CPU)."""
+    wanted = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
+    return torch.compile(model) if wanted else model
+
+
+@torch.no_grad()
+def predict_probs(forward, model: torch.nn.Module, loader, indices: np.ndarray, accelerator) -> np.ndarray:
+    """Sigmoid probabilities for `indices`, in order (every process evaluates the whole list)."""
+    model.eval()
+    chunks = []
+    with accelerator.autocast():
+        for images in loader.eval_batches(indices):
+            if images.is_floating_point() and model_wants_channels_last(model):
+                images = images.contiguous(memory_format=torch.channels_last)
+            chunks.append(torch.sigmoid(forward(images).float().squeeze(1)))
+    return torch.cat(chunks).cpu().numpy() if chunks else np.zeros(0, dtype=np.float32)
+
+
+def model_wants_channels_last(model: torch.nn.Module) -> bool:
+    parameter = next((p for p in model.parameters() if p.dim() == 4), None)
+    return parameter is not None and parameter.is_contiguous(memory_format=torch.channels_last) and not parameter.is_contiguous()
+
+
+def evaluate(forward, model, loader, data: SplitData, accelerator) -> dict:
+    probs = predict_probs(forward, model, loader, np.arange(len(data.rows)), accelerator)
+    return validation_metrics(data.labels, probs)
+
+
+def end_of_epoch(state: Progress, record: dict, val: dict, model, optimizer, accelerator, config: Config) -> Progress:
+    state.epoch = record["epoch"]
+    state.history.append(record)
+    score = val["balanced_accuracy"] if val["balanced_accuracy"] is not None else -1.0
+    if score > state.best_score:
+        state.best_score, state.best_epoch, state.epochs_since_best = score, state.epoch, 0
+        if accelerator.is_main_process:
+            save_best(accelerator.unwrap_model(model), config.weights_path,
+                      {"epoch": state.epoch, "metrics": val, "threshold": val["threshold"], "config": config.to_dict()})
+    else:
+        state.epochs_since_best += 1
+    if accelerator.is_main_process:
+        save_atomic({
+            "model": accelerator.unwrap_model(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "progress": state.__dict__,
+            "rng": rng_state(),
+            "config": config.to_dict(),
+        }, config.weights_path / "last.pt")
+    accelerator.wait_for_everyone()
+    return state
+
+
+def resume(path: Path, accelerator, model, optimizer, config: Config) -> Progress:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a checkpoint is only ever replaced whole; this is a foreign/broken file
+        raise CxrError(f"{path}: cannot be read as a resume checkpoint ({error}); delete it to start over") from error
+    if checkpoint["config"]["arch"] != config.arch or checkpoint["config"]["task"] != config.task:
+        raise CxrError(f"{path}: belongs to another recipe ({checkpoint['config']['recipe']})")
+    accelerator.unwrap_model(model).load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint.get("scaler") and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(checkpoint["scaler"])
+    restore_rng(checkpoint["rng"])
+    state = Progress(**checkpoint["progress"])
+    accelerator.print(f"{config.recipe}: resuming after epoch {state.epoch} (best epoch {state.best_epoch})")
+    return state
+
+
+def epoch_line(config: Config, record: dict) -> str:
+    auroc = record["val_auroc"]
+    return (f"{config.recipe} epoch {record['epoch']}/{config.epochs}: loss {record['train_loss']:.4f}  "
+            f"val AUROC {auroc if auroc is None else f'{auroc:.3f}'}  bal.acc {record['val_balanced_accuracy']:.3f}  "
+            f"{record['images_per_second']:.0f} img/s  data wait {record['data_wait_share']:.0%}")
+
+
+def summary(config: Config, state: Progress, loader: str) -> dict:
+    last = state.history[-1] if state.history else {}
+    return {"recipe": config.recipe, "epochs": state.epoch, "best_epoch": state.best_epoch,
+            "best_balanced_accuracy": state.best_score, "loader": loader,
+            "images_per_second": last.get("images_per_second"), "history": state.history}
+
+
+# ------------------------------------------------------------------ command line
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str | None, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m cxr_fast.train",
+        description="Train one recipe. Settings: key=value after the recipe (see cxr_fast/recipes.py:Config).",
+        epilog="examples: --recipe effusion_test_resnet epochs=2 | 1 convnext_large | --list 'effusion_*'",
+    )
+    parser.add_argument("--recipe", help="{task}_{arch}, e.g. effusion_convnext_large")
+    parser.add_argument("--list", nargs="?", const="*", metavar="PATTERN",
+                        help="list the 114 study recipes (wildcards allowed) and exit")
+    parser.add_argument("--list-all", action="store_true", help="with --list: include the CPU-sized recipes")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("rest", nargs="*", help="`<label_index> <arch>` (original form) and/or key=value settings")
+    args = parser.parse_args(argv)
+    positional = [item for item in args.rest if "=" not in item]
+    overrides = [item for item in args.rest if "=" in item]
+    recipe = args.recipe
+    if len(positional) == 2 and recipe is None:
+        recipe = recipe_from_legacy(*positional)
+    elif positional:
+        raise CxrError(f"unexpected argument(s) {' '.join(positional)}; give --recipe R or `<label_index> <arch>`")
+    return args, recipe, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, recipe, overrides = parse_args(argv)
+    if args.list:
+        import fnmatch
+
+        for name in all_recipes(study_only=not args.list_all):
+            if fnmatch.fnmatch(name, args.list):
+                print(name)
+        return 0
+    if recipe is None:
+        raise CxrError("no recipe given: use --recipe {task}_{arch} (see --list) or `<label_index> <arch>`")
+    config = load_config(recipe, overrides)
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    result = train(config, progress_bar=not args.no_progress)
+    print(f"{config.recipe}: best epoch {result['best_epoch']} (val balanced accuracy "
+          f"{result['best_balanced_accuracy']:.3f}) -> {config.weights_path / 'best.safetensors'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
