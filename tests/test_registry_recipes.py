@@ -1,0 +1,184 @@
+"""Model registry, recipe composition and validation, sampler, schedule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cxr_fast.errors import CxrError
+from cxr_fast.loading.sampler import balanced_epoch, rank_share
+from cxr_fast.models import ARCHS, STUDY_ARCHS, build_model, get_arch, list_archs
+from cxr_fast.recipes import all_recipes, load_config, recipe_from_legacy, split_recipe
+from cxr_fast.tasks import TASKS
+from cxr_fast.train import lr_at
+
+
+# ------------------------------------------------------------------ registry
+
+def test_registry_has_the_19_study_archs_and_small_ones():
+    assert len(STUDY_ARCHS) == 19
+    assert set(STUDY_ARCHS) >= {"convnext_large", "convnext_base_384", "resmlp_36", "mobilevit_xs", "swin_base"}
+    assert get_arch("convnext_base_384").timm_name == "convnext_base.fb_in22k_ft_in1k_384"
+    assert get_arch("resmlp_36").timm_name == "resmlp_36_224.fb_distilled_in1k"
+    assert get_arch("mobilevit_xs").image_size == 256
+    assert len([a for a in ARCHS.values() if not a.study]) >= 2
+    assert list_archs("convnext_*", study_only=True) == ["convnext_large", "convnext_base", "convnext_base_384", "convnext_tiny"]
+
+
+def test_registry_names_are_current_timm_names_with_pretrained_tags():
+    import timm
+
+    pretrained = set(timm.list_pretrained())
+    for slug in STUDY_ARCHS:
+        assert get_arch(slug).timm_name in pretrained, slug
+
+
+@pytest.mark.parametrize("slug", STUDY_ARCHS)
+def test_every_study_arch_builds_and_runs_at_native_size(slug, recwarn):
+    arch = get_arch(slug)
+    model = build_model(slug, pretrained=False).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 1, arch.image_size, arch.image_size))
+    assert out.shape == (1, 1)
+    assert not [w for w in recwarn if "deprecat" in str(w.message).lower()], "deprecated timm name"
+
+
+def test_unknown_arch_is_a_clear_error():
+    with pytest.raises(CxrError, match="unknown arch 'resnet5'"):
+        get_arch("resnet5")
+
+
+def test_unreachable_hub_says_how_to_go_on(monkeypatch):
+    import timm
+
+    def offline(*args, **kwargs):
+        raise FileNotFoundError("An error happened while trying to locate the file on the Hub")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(CxrError, match="pretrained=false.*pretrained_file="):
+        build_model("resnet50", pretrained=True)
+
+
+# ------------------------------------------------------------------ recipes
+
+def test_every_recipe_resolves_to_a_valid_config():
+    names = all_recipes()
+    assert len(all_recipes(study_only=True)) == 114
+    for name in names:
+        config = load_config(name)
+        assert config.recipe == name and f"{config.task}_{config.arch}" == name
+        assert config.resolved_image_size > 0 and config.resolved_batch_size > 0
+
+
+def test_study_defaults_follow_the_original_study():
+    config = load_config("effusion_convnext_large")
+    assert config.epochs == 500 and config.early_stopping == 0 and config.pretrained
+    assert config.lr == 5e-5  # recipes/archs.yaml
+
+
+def test_recipe_layers_compose_in_order(tmp_path):
+    (tmp_path / "defaults.yaml").write_text("epochs: 10\nlr: 0.1\nseed: 3\n")
+    (tmp_path / "archs.yaml").write_text("resnet50: {lr: 0.2, batch_size: 8}\n")
+    (tmp_path / "tasks.yaml").write_text("edema: {lr: 0.3}\n")
+    (tmp_path / "edema_resnet50.yaml").write_text("weight_decay: 0.5\n")
+    config = load_config("edema_resnet50", ["seed=7"], recipes_dir=tmp_path)
+    assert (config.epochs, config.lr, config.batch_size, config.weight_decay, config.seed) == (10, 0.3, 8, 0.5, 7)
+    other = load_config("effusion_resnet50", recipes_dir=tmp_path)
+    assert other.lr == 0.2 and other.weight_decay == 0.05
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    (["lerning_rate=1"], "unknown setting 'lerning_rate'"),
+    (["lr=fast"], "setting 'lr' expects float"),
+    (["epochs=2.5"], "setting 'epochs' expects int"),
+    (["hflip=maybe"], "setting 'hflip' expects bool"),
+    (["loader=ram"], "setting 'loader' must be one of"),
+    (["epochs=0"], "'epochs' must be > 0"),
+    (["task=edema"], "set by the recipe name"),
+    (["lr"], "expected key=value"),
+])
+def test_config_errors_name_the_setting(override, message):
+    with pytest.raises(CxrError, match=message):
+        load_config("edema_resnet50", override)
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    (tmp_path / "defaults.yaml").write_text("epochs: [1,\n")
+    with pytest.raises(CxrError, match="defaults.yaml: not valid YAML"):
+        load_config("edema_resnet50", recipes_dir=tmp_path)
+
+
+def test_recipe_names_and_the_original_cli_form():
+    assert split_recipe("no_finding_convnext_base_384") == ("no_finding", "convnext_base_384")
+    assert recipe_from_legacy("1", "convnext_large") == "effusion_convnext_large"
+    assert recipe_from_legacy("5", "resnet50") == "no_finding_resnet50"
+    for bad in ("effusion_resnet5", "lungs_resnet50", "effusion"):
+        with pytest.raises(CxrError, match="unknown recipe"):
+            split_recipe(bad)
+    with pytest.raises(CxrError, match="out of range"):
+        recipe_from_legacy("6", "resnet50")
+
+
+# ------------------------------------------------------------------ sampler
+
+def _labels(n_pos: int, n_neg: int, seed: int = 0) -> np.ndarray:
+    labels = np.r_[np.ones(n_pos), np.zeros(n_neg)]
+    np.random.default_rng(seed).shuffle(labels)
+    return labels
+
+
+def test_sampler_is_exactly_balanced_with_every_minority_image():
+    labels = _labels(37, 400)
+    epoch = balanced_epoch(labels, seed=1, epoch=0)
+    assert len(epoch) == 74 and len(set(epoch)) == 74
+    assert labels[epoch].sum() == 37
+    assert set(np.flatnonzero(labels == 1)) <= set(epoch)
+
+
+def test_sampler_balances_when_positives_are_the_majority():
+    labels = _labels(300, 20)
+    epoch = balanced_epoch(labels, seed=0, epoch=3)
+    assert (labels[epoch] == 0).sum() == 20 and (labels[epoch] == 1).sum() == 20
+
+
+def test_sampler_is_a_pure_function_of_seed_and_epoch():
+    labels = _labels(50, 500)
+    assert np.array_equal(balanced_epoch(labels, seed=4, epoch=2), balanced_epoch(labels, seed=4, epoch=2))
+    assert not np.array_equal(balanced_epoch(labels, seed=4, epoch=2), balanced_epoch(labels, seed=4, epoch=3))
+    assert not np.array_equal(balanced_epoch(labels, seed=4, epoch=2), balanced_epoch(labels, seed=5, epoch=2))
+
+
+def test_rank_shares_are_disjoint_equal_and_cover_the_epoch():
+    epoch = balanced_epoch(_labels(51, 500), seed=0, epoch=0)  # 102 images, 4 ranks
+    shares = [rank_share(epoch, rank=r, world_size=4) for r in range(4)]
+    assert {len(share) for share in shares} == {25}
+    together = np.concatenate(shares)
+    assert len(set(together)) == 100 and set(together) <= set(epoch)
+
+
+def test_sampler_covers_the_majority_over_epochs():
+    labels = _labels(40, 400)
+    seen = set()
+    for epoch in range(150):  # each epoch draws 10% of the majority: 0.9**150 ~ 1e-7 per image
+        seen |= set(balanced_epoch(labels, seed=0, epoch=epoch))
+    assert seen == set(range(len(labels)))
+
+
+def test_sampler_needs_both_classes():
+    with pytest.raises(ValueError, match="both classes"):
+        balanced_epoch(np.ones(10), seed=0, epoch=0)
+
+
+# ------------------------------------------------------------------ schedule
+
+def test_lr_warms_up_then_decays_by_cosine_to_the_floor():
+    lrs = [lr_at(step, total_steps=100, warmup_steps=10, base_lr=1.0, min_lr_ratio=0.01) for step in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lr_at(100, total_steps=100, warmup_steps=10, base_lr=1.0, min_lr_ratio=0.01) == pytest.approx(0.01)
+    assert lrs[55] == pytest.approx(0.01 + 0.99 * 0.5)
+
+
+def test_tasks_keep_the_original_label_index_order():
+    assert TASKS == ("cardiomegaly", "effusion", "edema", "fracture", "pneumonia", "no_finding")
