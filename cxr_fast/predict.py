@@ -24,7 +24,7 @@ from cxr_fast.loading.augment import AugmentSettings
 from cxr_fast.loading.payloads import read_manifest
 from cxr_fast.models import build_model
 from cxr_fast.recipes import Config, load_config, parse_overrides, recipe_from_legacy
-from cxr_fast.train import compile_model, predict_probs, precision_for
+from cxr_fast.train import compile_model, make_accelerator, predict_probs
 
 PREDICTION_COLUMNS = ("key", "dicom_id", "subject_id", "study_id", "split", "task", "arch", "recipe",
                       "label", "prob", "pred", "threshold", "sex", "age", "age_group", "race")
@@ -44,16 +44,12 @@ def load_best(folder: Path, recipe: str) -> tuple[dict, dict]:
 def predict(recipe: str, overrides: dict | None = None, *, split: str = "test", out_dir: Path = Path("all_pred")) -> Path:
     """Predict with the best checkpoint; `overrides` (e.g. shards=, weights_dir=, loader=) replace
     the settings saved at training time, which otherwise describe the model exactly."""
-    from accelerate import Accelerator
-
     overrides = dict(overrides or {})
     weights_dir = Path(overrides.get("weights_dir", load_config(recipe).weights_dir))
     record, weights = load_best(weights_dir / recipe, recipe)
     saved = {key: value for key, value in record["config"].items() if key not in ("recipe", "task", "arch")}
     trained = load_config(recipe, saved | overrides)
-    cuda = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=precision_for(trained.precision, torch.device("cuda" if cuda else "cpu")),
-                              cpu=not cuda)
+    accelerator = make_accelerator(trained.precision)
     device = accelerator.device
 
     manifest = read_manifest(trained.shards)

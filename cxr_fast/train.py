@@ -209,13 +209,9 @@ class NonFiniteLoss(CxrError):
 
 def train(config: Config, *, progress_bar: bool = True) -> dict:
     """Train (or resume) one recipe; return a summary (best epoch, metrics, throughput)."""
-    from accelerate import Accelerator
     from tqdm import tqdm
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    accelerator = Accelerator(mixed_precision=precision_for(config.precision, device),
-                              gradient_accumulation_steps=config.grad_accum, cpu=not cuda)
+    accelerator = make_accelerator(config.precision, grad_accum=config.grad_accum)
     device = accelerator.device
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -320,6 +316,20 @@ def train(config: Config, *, progress_bar: bool = True) -> dict:
     finally:
         log.close()
     return summary(config, state, kind)
+
+
+def make_accelerator(precision: str, *, grad_accum: int = 1):
+    """An Accelerator for this process's device with the requested mixed precision."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    cuda = torch.cuda.is_available()
+    # Accelerate keeps its settings in a process-wide singleton; a second run in the same
+    # process (sweeps in a notebook, tests) may ask for another precision. The distributed
+    # part of the state (PartialState) is kept.
+    AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=precision_for(precision, torch.device("cuda" if cuda else "cpu")),
+                       gradient_accumulation_steps=grad_accum, cpu=not cuda)
 
 
 def steps_in_epoch(data: SplitData, config: Config, batch_size: int, world_size: int) -> int:

@@ -8,6 +8,7 @@ decode, no worker processes, no host->device copies after start-up. MIMIC-CXR at
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -28,6 +29,10 @@ from cxr_fast.loading.augment import (
 from cxr_fast.loading.payloads import read_payloads
 
 DECODE_CHUNK = 256
+# torchvision 0.29 warns on every decode that TorchCodec will take over image decoding; the
+# decoder itself is unchanged, and the warning would flood every training log.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 
 def decode_to_square(jpegs: list[bytes], load_size: int, device: torch.device, threads: int = 0) -> torch.Tensor:

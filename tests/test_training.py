@@ -1,0 +1,174 @@
+"""The training loop on phantom shards: learning, checkpoints, resume after kill -9, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cxr_fast.errors import CxrError
+from cxr_fast.recipes import load_config
+from cxr_fast.train import NonFiniteLoss, main, train
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "effusion_test_resnet"
+
+
+def small(shards: Path, out: Path, **overrides) -> list[str]:
+    settings = {"shards": shards, "weights_dir": out / "weights", "runs_dir": out / "runs",
+                "batch_size": 16, "epochs": 2, "logger": "none", "loader": "resident", "seed": 0}
+    settings.update(overrides)
+    return [f"{key}={value}" for key, value in settings.items()]
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_two_epochs_learn_and_write_every_output(phantom_shards, tmp_path):
+    config = load_config(RECIPE, small(phantom_shards, tmp_path, epochs=3, logger="wandb"))
+    result = train(config, progress_bar=False)
+    history = result["history"]
+    assert [record["epoch"] for record in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    folder = tmp_path / "weights" / RECIPE
+    best = json.loads((folder / "best.json").read_text())
+    assert best["epoch"] == result["best_epoch"]
+    assert best["metrics"]["balanced_accuracy"] == max(r["val_balanced_accuracy"] for r in history)
+    assert 0 < best["threshold"] < 1 and best["config"]["recipe"] == RECIPE
+    assert set(load_weights(folder / "best.safetensors")) == set(torch.load(folder / "last.pt", weights_only=False)["model"])
+    lines = (tmp_path / "runs" / RECIPE / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    assert {"val_auroc", "val_balanced_accuracy", "val_sensitivity", "val_specificity", "images_per_second",
+            "data_wait_share"} <= set(json.loads(lines[0]))
+    assert json.loads((tmp_path / "weights" / RECIPE / "status.json").read_text())["finished"] is True
+    assert json.loads((tmp_path / "runs" / RECIPE / "config.json").read_text())["loader_used"] == "resident"
+    # Rerunning a finished recipe does nothing and changes nothing.
+    before = (folder / "last.pt").read_bytes()
+    assert train(config, progress_bar=False)["epochs"] == 3
+    assert (folder / "last.pt").read_bytes() == before
+
+
+def _run(args: list[str], **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "cxr_fast.train", "--recipe", RECIPE, "--no-progress", *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(phantom_shards, tmp_path):
+    args = dict(epochs=4, deterministic="true", decode_threads=1)
+    clean = _run(small(phantom_shards, tmp_path / "clean", **args))
+    assert clean.wait(timeout=300) == 0, clean.stdout.read()
+
+    killed = _run(small(phantom_shards, tmp_path / "killed", **args))
+    status = tmp_path / "killed" / "weights" / RECIPE / "status.json"
+    deadline = time.time() + 300
+    while not (status.is_file() and json.loads(status.read_text())["epoch"] >= 1) and time.time() < deadline:
+        assert killed.poll() is None, "finished before it could be killed"
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert json.loads(status.read_text())["epoch"] < 4
+
+    resumed = _run(small(phantom_shards, tmp_path / "killed", **args))
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "resuming after epoch" in output
+    for name in ("best.safetensors", "last.pt"):
+        if name.endswith(".pt"):
+            a = torch.load(tmp_path / "clean" / "weights" / RECIPE / name, weights_only=False)["model"]
+            b = torch.load(tmp_path / "killed" / "weights" / RECIPE / name, weights_only=False)["model"]
+        else:
+            a = load_weights(tmp_path / "clean" / "weights" / RECIPE / name)
+            b = load_weights(tmp_path / "killed" / "weights" / RECIPE / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[key], b[key]) for key in a), f"{name} differs after resume"
+    clean_log = (tmp_path / "clean" / "runs" / RECIPE / "metrics.jsonl").read_text().splitlines()
+    resumed_log = (tmp_path / "killed" / "runs" / RECIPE / "metrics.jsonl").read_text().splitlines()
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k not in ("images_per_second", "data_wait_share")}
+    assert [strip(line) for line in clean_log] == [strip(line) for line in resumed_log]
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(phantom_shards, tmp_path, monkeypatch):
+    config = load_config(RECIPE, small(phantom_shards, tmp_path, epochs=1))
+    train(config, progress_bar=False)
+    last = tmp_path / "weights" / RECIPE / "last.pt"
+    good = last.read_bytes()
+
+    class PoisonedLoss(torch.nn.BCEWithLogitsLoss):
+        def forward(self, logits, target):
+            return super().forward(logits, target) * float("nan")
+
+    monkeypatch.setattr(torch.nn, "BCEWithLogitsLoss", PoisonedLoss)
+    with pytest.raises(NonFiniteLoss, match="NaN/inf in epoch 2.*last good checkpoint"):
+        train(load_config(RECIPE, small(phantom_shards, tmp_path, epochs=2)), progress_bar=False)
+    assert last.read_bytes() == good
+
+
+def test_bf16_autocast_path_on_cpu(phantom_shards, tmp_path):
+    from cxr_fast.models import build_model
+    from cxr_fast.train import make_accelerator
+
+    accelerator = make_accelerator("bf16")
+    model = accelerator.prepare(build_model("test_resnet", pretrained=False))
+    seen = []
+    model.fc.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    model(torch.zeros(2, 1, 64, 64))
+    assert seen == [torch.bfloat16]  # computed in bf16 (Accelerate hands back fp32 logits)
+    result = train(load_config(RECIPE, small(phantom_shards, tmp_path, epochs=1, precision="bf16",
+                                             max_steps_per_epoch=2)), progress_bar=False)
+    assert np.isfinite(result["history"][0]["train_loss"])
+
+
+def test_torch_compile_on_a_tiny_model(phantom_shards, tmp_path):
+    result = train(load_config(RECIPE, small(phantom_shards, tmp_path, epochs=1, compile="on",
+                                             max_steps_per_epoch=2, channels_last="true")), progress_bar=False)
+    assert np.isfinite(result["history"][0]["train_loss"])
+
+
+def test_gradient_accumulation_takes_one_step_per_group(phantom_shards, tmp_path):
+    result = train(load_config(RECIPE, small(phantom_shards, tmp_path, epochs=1, grad_accum=2,
+                                             max_steps_per_epoch=2)), progress_bar=False)
+    assert result["history"][0]["step"] == 2
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--recipe", "effusion_resnet5"], "unknown recipe 'effusion_resnet5'"),
+    (["--recipe", RECIPE, "lr=fast"], "setting 'lr' expects float"),
+    (["--recipe", RECIPE, "shards=/nonexistent"], "manifest.parquet: not found"),
+    (["9", "test_resnet"], "task index 9 is out of range"),
+])
+def test_cli_errors_are_one_line_and_exit_2(args, message):
+    done = subprocess.run([sys.executable, "-m", "cxr_fast.train", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, WANDB_MODE="disabled"))
+    assert done.returncode == 2
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_hub_fails_the_run_with_the_way_out(phantom_shards, tmp_path):
+    env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
+    args = small(phantom_shards, tmp_path, epochs=1, image_size=64, batch_size=8)
+    done = subprocess.run([sys.executable, "-m", "cxr_fast.train", "--recipe", "effusion_resnet50", *args],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2
+    assert "pretrained weights could not be loaded" in done.stderr and "pretrained=false" in done.stderr
+
+
+def test_the_original_cli_form_and_list(capsys):
+    assert main(["--list"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert len(listed) == 114 and "effusion_convnext_large" in listed
+    assert main(["1", "convnext_large", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["recipe"] == "effusion_convnext_large"
+    with pytest.raises(CxrError, match="no recipe given"):
+        main([])
