@@ -93,8 +93,9 @@ def versions() -> dict:
 
 
 def recorded_arguments(args: argparse.Namespace) -> dict:
-    # Paths as given, minus knobs that do not change the output (so reruns stay identical).
-    skip = {"workers", "no_progress"}
+    # Paths as given, minus knobs that do not change the output and the output folder itself
+    # (so a rerun, or the same run elsewhere, writes an identical meta.json).
+    skip = {"workers", "no_progress", "out"}
     return {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items() if name not in skip}
 
 
