@@ -1,0 +1,113 @@
+"""Prediction files and the study runner."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxr_fast import sweep
+from cxr_fast.errors import CxrError
+from cxr_fast.predict import PREDICTION_COLUMNS, main as predict_main, predict
+from cxr_fast.recipes import load_config
+from cxr_fast.train import train
+
+RECIPE = "edema_test_convnext"
+
+
+@pytest.fixture(scope="module")
+def trained(phantom_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trained")
+    settings = [f"shards={phantom_shards}", f"weights_dir={out / 'weights'}", f"runs_dir={out / 'runs'}",
+                "epochs=1", "batch_size=16", "logger=none"]
+    train(load_config(RECIPE, settings), progress_bar=False)
+    return out
+
+
+def test_prediction_file_has_the_schema_and_uses_the_validation_threshold(phantom_shards, trained, tmp_path):
+    path = predict(RECIPE, {"shards": str(phantom_shards), "weights_dir": str(trained / "weights")},
+                   split="test", out_dir=tmp_path)
+    assert path == tmp_path / f"{RECIPE}.parquet"
+    table = pd.read_parquet(path)
+    assert list(table.columns) == list(PREDICTION_COLUMNS)
+    manifest = pd.read_parquet(phantom_shards / "manifest.parquet")
+    expected = manifest[(manifest["split"] == "test") & manifest["edema"].notna()]
+    assert sorted(table["key"]) == sorted(expected["key"])
+    assert (table["split"] == "test").all() and (table["task"] == "edema").all() and (table["arch"] == "test_convnext").all()
+    threshold = json.loads((trained / "weights" / RECIPE / "best.json").read_text())["threshold"]
+    assert np.allclose(table["threshold"], threshold)
+    assert (table["pred"] == (table["prob"] >= table["threshold"]).astype(int)).all()
+    merged = table.merge(expected[["key", "edema", "race", "age_group"]], on="key")
+    assert (merged["label"] == merged["edema"]).all() and (merged["race_x"] == merged["race_y"]).all()
+
+
+def test_predictions_are_deterministic_and_splits_selectable(phantom_shards, trained, tmp_path):
+    settings = {"shards": str(phantom_shards), "weights_dir": str(trained / "weights")}
+    first = pd.read_parquet(predict(RECIPE, settings, split="val", out_dir=tmp_path / "a"))
+    second = pd.read_parquet(predict(RECIPE, settings, split="val", out_dir=tmp_path / "b"))
+    pd.testing.assert_frame_equal(first, second)
+    everything = pd.read_parquet(predict(RECIPE, settings, split="all", out_dir=tmp_path / "c"))
+    assert set(everything["split"]) == {"train", "val", "test"}
+
+
+def test_predict_original_cli_form_and_missing_weights(phantom_shards, trained, tmp_path):
+    args = ["2", "test_convnext", f"shards={phantom_shards}", f"weights_dir={trained / 'weights'}",
+            "--out-dir", str(tmp_path)]
+    assert predict_main(args) == 0 and (tmp_path / f"{RECIPE}.parquet").is_file()
+    with pytest.raises(CxrError, match="best.json: not found; train first"):
+        predict("fracture_test_convnext", {"weights_dir": str(trained / "weights")})
+
+
+# ------------------------------------------------------------------ sweep
+
+
+def test_sweep_dry_run_lists_every_selected_recipe_and_skips_finished(tmp_path, capsys):
+    finished = tmp_path / "weights" / "effusion_resnet50"
+    finished.mkdir(parents=True)
+    (finished / "status.json").write_text(json.dumps({"finished": True}))
+    unfinished = tmp_path / "weights" / "edema_resnet50"
+    unfinished.mkdir(parents=True)
+    (unfinished / "status.json").write_text(json.dumps({"finished": False}))
+    assert sweep.main(["--tasks", "effusion,edema", "--archs", "resnet50,convnext_*", "--dry-run",
+                       f"weights_dir={tmp_path / 'weights'}", "epochs=3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 * 5 - 1
+    assert not any("effusion_resnet50" in line for line in lines)
+    assert any("--recipe edema_resnet50" in line for line in lines)
+    assert all(line.startswith(sys.executable) and line.endswith("epochs=3") for line in lines)
+
+
+def test_sweep_all_is_the_114_study_recipes(capsys):
+    assert sweep.main(["--tasks", "all", "--archs", "all", "--dry-run"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 114
+
+
+def test_sweep_writes_a_slurm_array(tmp_path):
+    script = tmp_path / "study.sbatch"
+    assert sweep.main(["--tasks", "all", "--archs", "resnet50,densenet121", "--slurm", str(script),
+                       "--gpus-per-task", "2", "epochs=100"]) == 0
+    text = script.read_text()
+    assert "#SBATCH --array=0-11" in text and "#SBATCH --gres=gpu:2" in text
+    assert "accelerate launch --num_processes 2 -m cxr_fast.train" in text and "epochs=100" in text
+    assert "no_finding_densenet121" in text and "cardiomegaly_resnet50" in text
+
+
+def test_sweep_validates_every_config_before_running(capsys):
+    with pytest.raises(CxrError, match="unknown setting 'epoch'"):
+        sweep.main(["--tasks", "0", "--archs", "resnet50", "epoch=3", "--dry-run"])
+    with pytest.raises(CxrError, match="no arch matches 'resnet9'"):
+        sweep.main(["--archs", "resnet9", "--dry-run"])
+
+
+def test_sweep_trains_locally_and_then_skips(phantom_shards, tmp_path, capsys):
+    settings = [f"shards={phantom_shards}", f"weights_dir={tmp_path / 'weights'}", f"runs_dir={tmp_path / 'runs'}",
+                "epochs=1", "batch_size=16", "logger=none", "max_steps_per_epoch=2"]
+    assert sweep.main(["--tasks", "effusion", "--archs", "test_resnet", "--logs", str(tmp_path / "logs"), *settings]) == 0
+    assert json.loads((tmp_path / "weights" / "effusion_test_resnet" / "status.json").read_text())["finished"]
+    capsys.readouterr()
+    assert sweep.main(["--tasks", "effusion", "--archs", "test_resnet", "--dry-run", *settings]) == 0
+    assert capsys.readouterr().out.strip() == ""
