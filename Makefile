@@ -14,7 +14,15 @@ PHANTOM_DIR ?= data/phantom
 PHANTOM_IMAGES ?= 3000
 PHANTOM_SEED ?= 0
 SHARD_SIZE ?= 256
+ifdef MIMIC_CXR
+SHARDS ?= shards/mimic
+else
 SHARDS ?= shards/phantom
+endif
+# The demo: three CPU-sized archs x six tasks, a few epochs each at 64 px.
+DEMO_ARCHS ?= test_resnet,test_convnext,test_efficientnet
+DEMO_EPOCHS ?= 8
+DEMO_REPORT ?= reports/demo
 
 .PHONY: setup test shards demo bench clean help
 help:
@@ -42,7 +50,7 @@ test: setup dirs
 
 ifdef MIMIC_CXR
 shards: setup dirs
-	$(PY) tools/shard_dataset.py --source mimic --root $(MIMIC_CXR) $(if $(MIMIC_IV),--demographics $(MIMIC_IV)) --out shards/mimic --size 256
+	$(PY) tools/shard_dataset.py --source mimic --root $(MIMIC_CXR) $(if $(MIMIC_IV),--demographics $(MIMIC_IV)) --out $(SHARDS) --size 256
 else
 shards: setup dirs $(SHARDS)/manifest.parquet
 $(PHANTOM_DIR)/phantom_truth.json:
@@ -51,6 +59,12 @@ $(SHARDS)/manifest.parquet: $(PHANTOM_DIR)/phantom_truth.json
 	$(PY) tools/shard_dataset.py --source mimic --root $(PHANTOM_DIR)/mimic-cxr-jpg \
 	    --demographics $(PHANTOM_DIR)/mimic-iv --out $(SHARDS) --size 256 --shard-size $(SHARD_SIZE)
 endif
+
+demo: shards
+	$(PY) -m cxr_fast.sweep --tasks all --archs $(DEMO_ARCHS) shards=$(SHARDS) epochs=$(DEMO_EPOCHS) logger=none
+	$(PY) -m cxr_fast.predict --all --split test shards=$(SHARDS)
+	$(PY) -m cxr_fast.analyze --pred-dir all_pred --out $(DEMO_REPORT)
+	@echo "report: $(CURDIR)/$(DEMO_REPORT)/index.html"
 
 clean:
 	rm -rf build shards data/phantom weights runs all_pred reports wandb

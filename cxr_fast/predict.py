@@ -94,19 +94,34 @@ def prediction_table(rows: pd.DataFrame, probs: np.ndarray, *, config: Config, t
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cxr_fast.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", help="{task}_{arch}")
+    parser.add_argument("--recipe", action="append", help="{task}_{arch}; repeat it for several recipes")
+    parser.add_argument("--all", action="store_true", help="every recipe with a best checkpoint under weights_dir")
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="test")
     parser.add_argument("--out-dir", type=Path, default=Path("all_pred"))
     parser.add_argument("rest", nargs="*", help="`<label_index> <arch>` and/or key=value (shards=, weights_dir=, loader=)")
     args = parser.parse_args(argv)
     positional = [item for item in args.rest if "=" not in item]
     overrides = [item for item in args.rest if "=" in item]
-    recipe = args.recipe or (recipe_from_legacy(*positional) if len(positional) == 2 else None)
-    if recipe is None or (args.recipe and positional):
-        raise CxrError("give --recipe {task}_{arch} or `<label_index> <arch>`")
-    path = predict(recipe, parse_overrides(overrides), split=args.split, out_dir=args.out_dir)
-    print(f"{recipe}: predictions -> {path}")
+    settings = parse_overrides(overrides)
+    if args.all:
+        recipes = trained_recipes(Path(settings.get("weights_dir", "weights")))
+    elif args.recipe and not positional:
+        recipes = args.recipe
+    elif len(positional) == 2 and not args.recipe:
+        recipes = [recipe_from_legacy(*positional)]
+    else:
+        raise CxrError("give --recipe {task}_{arch} (repeatable), `<label_index> <arch>`, or --all")
+    for recipe in recipes:
+        path = predict(recipe, settings, split=args.split, out_dir=args.out_dir)
+        print(f"{recipe}: predictions -> {path}")
     return 0
+
+
+def trained_recipes(weights_dir: Path) -> list[str]:
+    recipes = sorted(path.parent.name for path in weights_dir.glob("*/best.safetensors"))
+    if not recipes:
+        raise CxrError(f"{weights_dir}: no trained recipe (no */best.safetensors); train first")
+    return recipes
 
 
 if __name__ == "__main__":

@@ -58,6 +58,11 @@ def test_predict_original_cli_form_and_missing_weights(phantom_shards, trained, 
     args = ["2", "test_convnext", f"shards={phantom_shards}", f"weights_dir={trained / 'weights'}",
             "--out-dir", str(tmp_path)]
     assert predict_main(args) == 0 and (tmp_path / f"{RECIPE}.parquet").is_file()
+    assert predict_main(["--all", f"shards={phantom_shards}", f"weights_dir={trained / 'weights'}",
+                         "--out-dir", str(tmp_path / "all"), "--split", "val"]) == 0
+    assert [p.name for p in (tmp_path / "all").iterdir()] == [f"{RECIPE}.parquet"]
+    with pytest.raises(CxrError, match="no trained recipe"):
+        predict_main(["--all", f"weights_dir={tmp_path / 'none'}"])
     with pytest.raises(CxrError, match="best.json: not found; train first"):
         predict("fracture_test_convnext", {"weights_dir": str(trained / "weights")})
 
