@@ -1,0 +1,121 @@
+"""Error consistency between models (Geirhos et al., 2020, "Beyond accuracy").
+
+Two models' correct/incorrect vectors on the same images agree with probability c_obs. If they
+erred independently at their own accuracies p1, p2, they would agree with probability
+c_exp = p1 p2 + (1 - p1)(1 - p2). Error consistency is Cohen's kappa of the two vectors,
+kappa = (c_obs - c_exp) / (1 - c_exp): 0 = independent errors, 1 = the same errors.
+
+Degenerate case: c_exp = 1 happens only when both models are always right (or both always
+wrong) on the images, so there is no error to be consistent about: kappa is NaN (sklearn's
+cohen_kappa_score says the same). One model always right and the other not gives kappa = 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from cxr_fast.analyze.bootstrap import percentile_interval, point_and_resamples
+from cxr_fast.analyze.groups import iter_groups
+from cxr_fast.analyze.inputs import task_data
+from cxr_fast.analyze.metrics import as_weight_matrix
+from cxr_fast.analyze.threads import blas_single_threaded
+
+DEGENERATE_NOTE = "both models always right (or both always wrong) here: c_exp = 1, kappa undefined (NaN)"
+
+
+def _pairs(n_models: int) -> tuple[np.ndarray, np.ndarray]:
+    pairs = np.array(list(itertools.combinations(range(n_models), 2)), dtype=int).reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def kappa_arrays(weights: np.ndarray, correct: np.ndarray) -> dict[str, np.ndarray]:
+    """For (R, n) weights and (M, n) correctness: p_correct (R, M), c_obs/c_exp/kappa (R, P)
+    over the P = M(M-1)/2 model pairs in itertools.combinations order."""
+    first, second = _pairs(correct.shape[0])
+    total = weights.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p_correct = weights @ correct.T.astype(float) / total
+        agree = (correct[first] == correct[second]).T.astype(float)          # (n, P)
+        c_obs = weights @ agree / total
+        p1, p2 = p_correct[:, first], p_correct[:, second]
+        c_exp = p1 * p2 + (1 - p1) * (1 - p2)
+        undefined = (1 - c_exp) <= 1e-12
+        kappa = np.where(undefined, np.nan, (c_obs - c_exp) / np.where(undefined, 1, 1 - c_exp))
+    return {"p_correct": p_correct, "c_obs": c_obs, "c_exp": c_exp, "kappa": kappa}
+
+
+def error_consistency(
+    *, correct: np.ndarray, names: tuple[str, ...] | None = None, sample_weight: np.ndarray | None = None
+) -> pd.DataFrame:
+    """Kappa for every pair of rows of the (models, images) boolean matrix `correct`."""
+    correct = np.asarray(correct, dtype=bool)
+    names = names or tuple(f"model_{m}" for m in range(correct.shape[0]))
+    arrays = kappa_arrays(as_weight_matrix(sample_weight, correct.shape[1]), correct)
+    first, second = _pairs(correct.shape[0])
+    return pd.DataFrame({
+        "model_a": [names[i] for i in first], "model_b": [names[j] for j in second],
+        "p_correct_a": arrays["p_correct"][0, first], "p_correct_b": arrays["p_correct"][0, second],
+        "c_obs": arrays["c_obs"][0], "c_exp": arrays["c_exp"][0], "kappa": arrays["kappa"][0],
+    })
+
+
+@blas_single_threaded
+def consistency_table(*, predictions: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+    """Per task, kappa of every model pair and their mean (`kind` = pair / mean), on all test
+    images (attribute "overall") and within every subgroup, with paired bootstrap CIs.
+
+    The mean is over pairs with a defined kappa, recomputed in every resample for its CI.
+    Tasks with a single model have no pairs and no rows.
+    """
+    blocks = []
+    for data in task_data(predictions):
+        if len(data.archs) < 2:
+            continue
+        weights = point_and_resamples(subject_index=data.subject_index, n_resamples=n_bootstrap, seed=seed, task=data.task)
+        scopes = [("overall", "all", np.arange(data.label.size))] + list(iter_groups(data.images))
+        for attribute, group, positions in scopes:
+            block = _scope_rows(kappa_arrays(weights[:, positions], data.correct[:, positions]), data.archs, level)
+            rows = len(block["kind"])
+            block.update({name: np.full(rows, value, dtype=object)
+                          for name, value in (("task", data.task), ("attribute", attribute), ("group", group))})
+            block["n"] = np.full(rows, positions.size)
+            block["n_subjects"] = np.full(rows, np.unique(data.subject_index[positions]).size)
+            blocks.append(block)
+    if not blocks:
+        return pd.DataFrame(columns=_COLUMNS)
+    # One DataFrame at the end: building one per subgroup costs more than the arithmetic.
+    return pd.DataFrame({name: np.concatenate([block[name] for block in blocks]) for name in _COLUMNS})
+
+
+_COLUMNS = ["task", "attribute", "group", "n", "n_subjects", "kind", "model_a", "model_b", "p_correct_a",
+            "p_correct_b", "c_obs", "c_exp", "kappa", "ci_low", "ci_high", "note"]
+_TEXT = {"task", "attribute", "group", "kind", "model_a", "model_b", "note"}
+
+
+def _scope_rows(arrays: dict[str, np.ndarray], archs: tuple[str, ...], level: float) -> dict[str, np.ndarray]:
+    """The mean row then one row per pair, as columns (estimate = resample row 0)."""
+    first, second = _pairs(len(archs))
+    kappa = arrays["kappa"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # every pair undefined -> NaN mean
+        mean = np.nanmean(kappa, axis=1)
+    low, high = percentile_interval(np.column_stack([mean, kappa])[1:], level=level)
+    n_defined = int(np.isfinite(kappa[0]).sum())
+    mean_note = f"mean over {n_defined} of {kappa.shape[1]} pairs with a defined kappa" if n_defined < kappa.shape[1] else ""
+    nan = np.array([np.nan])
+    return {
+        "kind": np.r_[["mean"], ["pair"] * len(first)],
+        "model_a": np.r_[[""], [archs[i] for i in first]],
+        "model_b": np.r_[[""], [archs[j] for j in second]],
+        "p_correct_a": np.r_[nan, arrays["p_correct"][0, first]],
+        "p_correct_b": np.r_[nan, arrays["p_correct"][0, second]],
+        "c_obs": np.r_[nan, arrays["c_obs"][0]],
+        "c_exp": np.r_[nan, arrays["c_exp"][0]],
+        "kappa": np.r_[mean[0], kappa[0]],
+        "ci_low": low, "ci_high": high,
+        "note": np.r_[[mean_note], np.where(np.isnan(kappa[0]), DEGENERATE_NOTE, "")],
+    }

@@ -1,0 +1,166 @@
+"""Report figures as base64 PNG data URIs, drawn with matplotlib's Agg renderer.
+
+PNG rather than inline SVG: matplotlib's SVG carries XML namespace and metadata URLs, and the
+report must contain no external reference of any kind. Figures are built with the object API
+(matplotlib.figure.Figure, rendered by Agg) rather than pyplot, so importing this module never
+switches the backend of a notebook and nothing needs a display.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from cxr_fast.analyze.groups import DEMOGRAPHICS, group_sort_key
+from cxr_fast.analyze.inputs import TaskData
+from cxr_fast.analyze.metrics import roc_points, weighted_auroc
+
+DPI = 90
+FLAG_COLOR = "#c0392b"
+
+
+def _data_uri(figure: Figure) -> str:
+    # bbox_inches="tight" trims the margins; a tight_layout() pass as well would double the
+    # (text-layout bound) rendering time for little gain.
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _grid(n_panels: int, *, width: float = 4.0, height: float = 3.6, columns: int = 3):
+    columns = max(1, min(columns, n_panels))
+    rows = int(np.ceil(n_panels / columns))
+    figure = Figure(figsize=(width * columns, height * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
+    figure.subplots_adjust(wspace=0.35, hspace=0.45)
+    for axis in axes.ravel()[n_panels:]:
+        axis.set_visible(False)
+    return figure, axes.ravel()
+
+
+def roc_figure(tasks: list[TaskData]) -> str:
+    """One panel per task, one ROC curve per model, AUROC in the legend."""
+    figure, axes = _grid(len(tasks))
+    for axis, data in zip(axes, tasks):
+        for m, arch in enumerate(data.archs):
+            if data.label.all() or not data.label.any():
+                continue  # one class: no ROC curve exists
+            points = roc_points(label=data.label, score=data.prob[m])
+            auc = weighted_auroc(np.ones((1, data.label.size)), data.label, data.prob[m])[0]
+            axis.plot(points["fpr"], points["tpr"], lw=1.2, label=f"{arch} ({auc:.3f})")
+        axis.plot([0, 1], [0, 1], ls=":", color="grey", lw=0.8)
+        axis.set(title=data.task, xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1))
+        axis.legend(fontsize=7, loc="lower right", title="model (AUROC)", title_fontsize=7)
+    return _data_uri(figure)
+
+
+def forest_figure(subgroups: pd.DataFrame, *, task: str, metrics: tuple[str, ...] = ("fnr", "fpr")) -> str:
+    """Gap to overall with 95% CI, per single-attribute group (rows) and model (markers).
+    Flagged gaps are red; hollow markers are groups too small to be tested."""
+    rows = subgroups[(subgroups["task"] == task) & subgroups["attribute"].isin(DEMOGRAPHICS)]
+    groups = sorted({(a, g) for a, g in zip(rows["attribute"], rows["group"])}, key=lambda ag: group_sort_key(*ag))
+    archs = list(dict.fromkeys(rows["arch"]))
+    figure = Figure(figsize=(5.2 * len(metrics), 0.32 * len(groups) + 1.4))
+    axes = figure.subplots(1, len(metrics), squeeze=False, sharey=True)
+    offsets = np.linspace(-0.3, 0.3, len(archs)) if len(archs) > 1 else np.zeros(1)
+    markers = "osD^v<>ph*"
+    for axis, metric in zip(axes[0], metrics):
+        for offset, arch, marker in zip(offsets, archs, markers * 10):
+            part = rows[(rows["arch"] == arch) & (rows["metric"] == metric)].set_index(["attribute", "group"]).reindex(groups)
+            y = np.arange(len(groups)) + offset
+            error = np.abs(np.vstack([part["gap_overall"] - part["gap_overall_ci_low"], part["gap_overall_ci_high"] - part["gap_overall"]]))
+            colors = np.where(part["flagged"].fillna(False).astype(bool), FLAG_COLOR, "#34495e")
+            axis.errorbar(part["gap_overall"], y, xerr=np.nan_to_num(error), fmt="none", ecolor=colors, elinewidth=0.8)
+            filled = part["eligible"].fillna(False).astype(bool).to_numpy()
+            axis.scatter(part["gap_overall"][filled], y[filled], c=colors[filled], marker=marker, s=18, label=arch)
+            axis.scatter(part["gap_overall"][~filled], y[~filled], facecolors="none", edgecolors=colors[~filled], marker=marker, s=18)
+        axis.axvline(0, color="grey", lw=0.8)
+        axis.set(title=f"{task}: {metric.upper()} gap to overall", xlabel=f"{metric.upper()} group - overall")
+        axis.set_yticks(np.arange(len(groups)), [f"{a}: {g}" for a, g in groups], fontsize=8)
+        axis.grid(axis="x", lw=0.3)
+    axes[0][0].invert_yaxis()  # once: the panels share the y axis, a second call undoes it
+    axes[0][-1].legend(fontsize=7, loc="best")
+    return _data_uri(figure)
+
+
+def kappa_figure(consistency: pd.DataFrame) -> str:
+    """Pairwise error-consistency matrix (kappa on all test images), one panel per task."""
+    overall = consistency[(consistency["attribute"] == "overall") & (consistency["kind"] == "pair")]
+    tasks = list(dict.fromkeys(overall["task"]))
+    figure, axes = _grid(len(tasks), width=4.2, height=3.8)
+    figure.subplots_adjust(wspace=0.6)
+    image = None
+    for axis, task in zip(axes, tasks):
+        pairs = overall[overall["task"] == task]
+        archs = list(dict.fromkeys(list(pairs["model_a"]) + list(pairs["model_b"])))
+        matrix = np.eye(len(archs))
+        for a, b, kappa in zip(pairs["model_a"], pairs["model_b"], pairs["kappa"]):
+            i, j = archs.index(a), archs.index(b)
+            matrix[i, j] = matrix[j, i] = kappa
+        image = axis.imshow(matrix, vmin=-0.2, vmax=1, cmap="viridis")
+        for i in range(len(archs)):
+            for j in range(len(archs)):
+                if len(archs) <= 8:
+                    axis.text(j, i, "NaN" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                              color="white" if matrix[i, j] < 0.6 else "black")
+        axis.set_xticks(range(len(archs)), archs, rotation=45, ha="right", fontsize=7)
+        axis.set_yticks(range(len(archs)), archs, fontsize=7)
+        axis.set_title(f"{task} (kappa)")
+    if image is not None:
+        figure.colorbar(image, ax=list(axes), fraction=0.02, pad=0.02, label="kappa")
+    return _data_uri(figure)
+
+
+def mean_kappa_figure(consistency: pd.DataFrame) -> str:
+    """Mean pairwise kappa per single-attribute group (rows) and task (columns)."""
+    means = consistency[(consistency["kind"] == "mean") & consistency["attribute"].isin(("overall",) + DEMOGRAPHICS)]
+    table = means.set_index(["attribute", "group", "task"])["kappa"].unstack("task")
+    order = sorted(table.index, key=lambda ag: (-1,) if ag[0] == "overall" else group_sort_key(*ag))
+    table = table.reindex(order)
+    figure = Figure(figsize=(1.1 * table.shape[1] + 2.5, 0.3 * table.shape[0] + 1.2))
+    axis = figure.subplots()
+    image = axis.imshow(table.to_numpy(float), vmin=-0.2, vmax=1, cmap="viridis", aspect="auto")
+    for (i, j), value in np.ndenumerate(table.to_numpy(float)):
+        axis.text(j, i, "NaN" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=7,
+                  color="white" if not value >= 0.6 else "black")
+    axis.set_xticks(range(table.shape[1]), table.columns, rotation=30, ha="right", fontsize=8)
+    axis.set_yticks(range(table.shape[0]), [f"{a}: {g}" for a, g in table.index], fontsize=8)
+    axis.set_title("mean error consistency (kappa) over model pairs")
+    figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
+    return _data_uri(figure)
+
+
+def composition_figure(systematic: pd.DataFrame, *, attribute: str) -> str:
+    """Per task, four stacked bars of group shares: all positives vs systematic false
+    negatives, all negatives vs systematic false positives. Unequal neighbours = skew."""
+    rows = systematic[systematic["attribute"] == attribute]
+    tasks = list(dict.fromkeys(rows["task"]))
+    groups = sorted(set(rows["group"]), key=lambda g: group_sort_key(attribute, g))
+    colors = matplotlib.colormaps["tab10"](np.arange(len(groups)) % 10)
+    figure = Figure(figsize=(1.9 * len(tasks) + 2.5, 3.8))
+    axis = figure.subplots()
+    bars = [("false_negative", "share_of_class", "pos"), ("false_negative", "share_of_systematic", "sys FN"),
+            ("false_positive", "share_of_class", "neg"), ("false_positive", "share_of_systematic", "sys FP")]
+    positions, labels = [], []
+    for t, task in enumerate(tasks):
+        for b, (error, column, label) in enumerate(bars):
+            x = t * (len(bars) + 1.2) + b
+            part = rows[(rows["task"] == task) & (rows["error"] == error)].set_index("group")[column].reindex(groups).fillna(0)
+            bottom = 0.0
+            for group, color in zip(groups, colors):
+                axis.bar(x, part[group], bottom=bottom, color=color, width=0.85, label=group if t == 0 and b == 0 else None)
+                bottom += part[group]
+            positions.append(x)
+            count = rows[(rows["task"] == task) & (rows["error"] == error)]
+            total = count["n_class" if column == "share_of_class" else "n_systematic"].iloc[0] if len(count) else 0
+            labels.append(f"{label} ({total})")
+        axis.text(t * (len(bars) + 1.2) + 1.5, 1.04, task, ha="center", fontsize=8)
+    axis.set_xticks(positions, labels, rotation=90, fontsize=7)
+    axis.set(ylim=(0, 1.1), ylabel="share of images", title=f"who is systematically misclassified, by {attribute}")
+    axis.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    return _data_uri(figure)

@@ -1,0 +1,163 @@
+"""Reading `all_pred/<recipe>.parquet` files and turning them into per-task arrays.
+
+Every check names the offending file: a half-finished prediction run or a file from another
+cohort should stop the analysis with one clear line, not with a KeyError deep in numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxr_fast.analyze.groups import DEMOGRAPHICS, UNKNOWN
+from cxr_fast.errors import CxrError
+from cxr_fast.io import read_table
+
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    "key", "dicom_id", "subject_id", "split", "task", "arch",
+    "label", "prob", "pred", "sex", "age_group", "race",
+)
+# Carried into the image list when present; the analysis does not need them.
+OPTIONAL_COLUMNS: tuple[str, ...] = ("study_id", "age", "recipe", "threshold")
+IMAGE_COLUMNS: tuple[str, ...] = ("key", "dicom_id", "subject_id", "study_id", "label", "sex", "age", "age_group", "race")
+
+
+def prediction_files(pred_dir: str | Path) -> list[Path]:
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise CxrError(f"{pred_dir}: prediction directory not found")
+    # Hidden names are in-flight atomic writes (cxr_fast.io), never finished predictions.
+    files = sorted(path for path in pred_dir.glob("*.parquet") if not path.name.startswith("."))
+    if not files:
+        raise CxrError(f"{pred_dir}: no prediction files (*.parquet) in this directory")
+    return files
+
+
+def read_prediction_file(path: Path, *, split: str) -> pd.DataFrame:
+    """One model's rows of `split` with a label, validated; adds `source` (the file path)."""
+    frame = read_table(path, columns=REQUIRED_COLUMNS)
+    tasks = frame["task"].dropna().unique()
+    if len(tasks) != 1:
+        raise CxrError(f"{path}: expected one task per prediction file, found {sorted(map(str, tasks))}")
+    archs = frame["arch"].dropna().unique()
+    if len(archs) != 1:
+        raise CxrError(f"{path}: expected one arch per prediction file, found {sorted(map(str, archs))}")
+    rows = frame[frame["split"] == split]
+    if rows.empty:
+        present = ", ".join(sorted(map(str, frame["split"].dropna().unique()))) or "none"
+        raise CxrError(f"{path}: no rows with split == {split!r} (splits present: {present})")
+    rows = rows[rows["label"].notna()].copy()  # unlabelled images cannot be right or wrong
+    if rows.empty:
+        raise CxrError(f"{path}: every {split} row has a missing label")
+    _check_values(path, rows)
+    for column in DEMOGRAPHICS:
+        rows[column] = rows[column].fillna(UNKNOWN).astype(str)
+    for column in OPTIONAL_COLUMNS:
+        if column not in rows:
+            rows[column] = np.nan
+    default_recipe = f"{tasks[0]}_{archs[0]}"
+    rows["recipe"] = rows["recipe"].astype(object).where(rows["recipe"].notna(), default_recipe)
+    rows["label"] = rows["label"].astype(float)
+    rows["source"] = str(path)
+    return rows
+
+
+def _check_values(path: Path, rows: pd.DataFrame) -> None:
+    if rows["key"].duplicated().any():
+        example = rows.loc[rows["key"].duplicated(), "key"].iloc[0]
+        raise CxrError(f"{path}: key {example!r} appears more than once")
+    bad_label = ~rows["label"].isin([0, 1])
+    if bad_label.any():
+        raise CxrError(f"{path}: label must be 0 or 1, found {rows.loc[bad_label, 'label'].iloc[0]!r}")
+    bad_pred = ~rows["pred"].isin([0, 1])
+    if bad_pred.any():
+        raise CxrError(f"{path}: pred must be 0 or 1, found {rows.loc[bad_pred, 'pred'].iloc[0]!r}")
+    prob = pd.to_numeric(rows["prob"], errors="coerce")
+    if not np.isfinite(prob).all():
+        raise CxrError(f"{path}: {int((~np.isfinite(prob)).sum())} {rows['split'].iloc[0]} row(s) have a missing or non-numeric prob")
+
+
+def check_shared_images(predictions: pd.DataFrame) -> None:
+    """Models of one task must be scored on the same images with the same labels: every
+    pairwise comparison (kappa, share of models wrong) is per image."""
+    for task, rows in predictions.groupby("task", sort=True):
+        sources = list(dict.fromkeys(rows["source"]))
+        reference = rows[rows["source"] == sources[0]].set_index("key")["label"]
+        for source in sources[1:]:
+            other = rows[rows["source"] == source].set_index("key")["label"]
+            only_reference = reference.index.difference(other.index)
+            only_other = other.index.difference(reference.index)
+            if len(only_reference) or len(only_other):
+                example = (list(only_other) + list(only_reference))[0]
+                raise CxrError(
+                    f"{source}: task {task!r} test images differ from {sources[0]} "
+                    f"({len(only_other)} key(s) only here, {len(only_reference)} only there, e.g. {example!r}); "
+                    "models of one task must be predicted on the same images"
+                )
+            mismatch = reference.index[reference.to_numpy() != other.reindex(reference.index).to_numpy()]
+            if len(mismatch):
+                raise CxrError(f"{source}: task {task!r} labels differ from {sources[0]} for {len(mismatch)} image(s), e.g. {mismatch[0]!r}")
+        duplicated = rows.drop_duplicates("source")["arch"].duplicated()
+        if duplicated.any():
+            arch = rows.drop_duplicates("source")["arch"][duplicated].iloc[0]
+            files = rows.loc[rows["arch"] == arch, "source"].unique()
+            raise CxrError(f"{files[-1]}: task {task!r} arch {arch!r} is also in {files[0]}")
+
+
+def load_predictions(*, pred_dir: str | Path, split: str = "test") -> pd.DataFrame:
+    """Every prediction file of `pred_dir`, rows of `split` with a label, stacked.
+
+    One row per (model, image); columns are REQUIRED_COLUMNS + OPTIONAL_COLUMNS + `source`.
+    """
+    frames = [read_prediction_file(path, split=split) for path in prediction_files(pred_dir)]
+    predictions = pd.concat(frames, ignore_index=True)
+    check_shared_images(predictions)
+    return predictions
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """One task's models on its shared images, as aligned arrays (images sorted by key)."""
+
+    task: str
+    archs: tuple[str, ...]
+    recipes: tuple[str, ...]
+    images: pd.DataFrame        # one row per image: IMAGE_COLUMNS
+    label: np.ndarray           # (n,) bool
+    prob: np.ndarray            # (models, n) float
+    pred: np.ndarray            # (models, n) bool
+    subject_index: np.ndarray   # (n,) int, position of the image's subject in 0..n_subjects-1
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.pred == self.label[None, :]
+
+    @property
+    def n_subjects(self) -> int:
+        return int(self.subject_index.max()) + 1 if self.subject_index.size else 0
+
+
+def task_data(predictions: pd.DataFrame) -> list[TaskData]:
+    """Split the stacked predictions into one TaskData per task (sorted by task name)."""
+    if "source" not in predictions:
+        predictions = predictions.assign(source=predictions["task"].astype(str) + "_" + predictions["arch"].astype(str))
+    check_shared_images(predictions)
+    tasks = []
+    for task, rows in predictions.groupby("task", sort=True):
+        rows = rows.sort_values(["arch", "key"], kind="stable")
+        archs = tuple(rows["arch"].drop_duplicates())
+        first = rows[rows["arch"] == archs[0]]
+        images = first.reindex(columns=list(IMAGE_COLUMNS)).reset_index(drop=True)
+        prob = np.stack([rows.loc[rows["arch"] == arch, "prob"].to_numpy(float) for arch in archs])
+        pred = np.stack([rows.loc[rows["arch"] == arch, "pred"].to_numpy(float) == 1 for arch in archs])
+        recipes = tuple(str(rows.loc[rows["arch"] == arch, "recipe"].iloc[0]) if "recipe" in rows else f"{task}_{arch}"
+                        for arch in archs)
+        tasks.append(TaskData(
+            task=str(task), archs=tuple(map(str, archs)), recipes=recipes, images=images,
+            label=images["label"].to_numpy(float) == 1, prob=prob, pred=pred,
+            subject_index=pd.factorize(images["subject_id"])[0],
+        ))
+    return tasks

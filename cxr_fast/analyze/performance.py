@@ -1,0 +1,174 @@
+"""Per-model metrics and per-subgroup gaps, each with a patient-level bootstrap CI.
+
+Tables are tidy: one row per (model, [attribute, group,] metric), in the spirit of fairlearn's
+MetricFrame: `value` is the group's metric (by_group), `overall` the model's metric on all test
+images, `gap_overall` their difference (group - overall), `gap_best` the difference to the best
+eligible group of the same attribute. Gaps are signed as "group minus reference", so for FNR
+and FPR a positive gap is worse, for the other metrics a negative gap is worse.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from cxr_fast.analyze.bootstrap import percentile_interval, point_and_resamples, wald_z
+from cxr_fast.analyze.groups import iter_groups
+from cxr_fast.analyze.inputs import TaskData, task_data
+from cxr_fast.analyze.metrics import DIRECTION, METRICS, MODEL_METRICS, metric_matrix
+from cxr_fast.analyze.stats import benjamini_hochberg
+from cxr_fast.analyze.threads import blas_single_threaded
+
+# Gaps (group vs overall) that can raise a flag. Together they say "misses more of this
+# group's positives" (FNR), "raises more false alarms" (FPR), "is worse at the operating
+# threshold" (balanced accuracy) and "ranks this group's images worse" (AUROC). Sensitivity,
+# specificity, PPV and NPV are reported but not tested: they restate FNR/FPR or depend on the
+# group's prevalence.
+FLAG_METRICS: tuple[str, ...] = ("fnr", "fpr", "balanced_accuracy", "auroc")
+
+_DIRECTION = np.array([DIRECTION[name] for name in METRICS])
+
+
+@blas_single_threaded
+def model_table(*, predictions: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+    """One row per (model, metric): value and percentile CI from the patient-level bootstrap."""
+    frames = []
+    for data in task_data(predictions):
+        weights = point_and_resamples(subject_index=data.subject_index, n_resamples=n_bootstrap, seed=seed, task=data.task)
+        counts = _counts(data, np.arange(data.label.size))
+        for m, (arch, recipe) in enumerate(zip(data.archs, data.recipes)):
+            values = metric_matrix(weights, data.label, data.prob[m], data.pred[m])
+            low, high = percentile_interval(values[1:], level=level)
+            frame = pd.DataFrame({"metric": METRICS, "value": values[0], "ci_low": low, "ci_high": high})
+            frame = frame[frame["metric"].isin(MODEL_METRICS)]
+            frames.append(frame.assign(task=data.task, arch=arch, recipe=recipe, **counts, note=_class_note(counts)))
+    columns = ["task", "arch", "recipe", "n", "n_subjects", "n_pos", "n_neg", "metric", "value", "ci_low", "ci_high", "note"]
+    return pd.concat(frames, ignore_index=True)[columns]
+
+
+@blas_single_threaded
+def subgroup_table(
+    *, predictions: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0, min_count: int = 30,
+    fdr: float = 0.05, level: float = 0.95, flag_metrics: tuple[str, ...] = FLAG_METRICS,
+) -> pd.DataFrame:
+    """One row per (model, attribute, group, metric) with gaps, CIs, p-values and flags.
+
+    Tests: `p_gap_overall` is two-sided (gap != 0, matching the CI); `p_harm` is one-sided
+    (H0: the group is served no worse than overall), both from z = gap / bootstrap SE.
+    Multiple testing: ONE Benjamini-Hochberg family per table over `p_harm` = every
+    gap-to-overall test of a metric in `flag_metrics`, over all tasks, models, attributes and
+    groups, restricted to groups with >= min_count positives and >= min_count negatives
+    (others are reported with `tested` False). Flagged = q_value <= fdr.
+    Why one-sided: only harm is a finding to act on, and two-sided p-values of groups doing
+    *better* (small groups with a near-zero error rate have a small bootstrap SE) would
+    otherwise fill the BH ranking and lower the bar for everything else.
+    """
+    frames = [_task_subgroups(data, n_bootstrap=n_bootstrap, seed=seed, min_count=min_count, level=level)
+              for data in task_data(predictions)]
+    table = pd.concat(frames, ignore_index=True)
+    table["tested"] = table["eligible"] & table["metric"].isin(flag_metrics) & table["p_harm"].notna()
+    table["q_value"] = benjamini_hochberg(table["p_harm"].where(table["tested"]).to_numpy(float))
+    table["flagged"] = table["tested"] & (table["q_value"] <= fdr) & (table["direction"] == "worse")
+    return table
+
+
+def _counts(data: TaskData, positions: np.ndarray) -> dict[str, int]:
+    label = data.label[positions]
+    return {"n": int(label.size), "n_subjects": int(np.unique(data.subject_index[positions]).size),
+            "n_pos": int(label.sum()), "n_neg": int((~label).sum())}
+
+
+def _class_note(counts: dict[str, int]) -> str:
+    if counts["n_pos"] == 0 or counts["n_neg"] == 0:
+        missing = "positives" if counts["n_pos"] == 0 else "negatives"
+        return f"no {missing}: AUROC and balanced accuracy undefined (NaN)"
+    return ""
+
+
+def _task_subgroups(data: TaskData, *, n_bootstrap: int, seed: int, min_count: int, level: float) -> pd.DataFrame:
+    weights = point_and_resamples(subject_index=data.subject_index, n_resamples=n_bootstrap, seed=seed, task=data.task)
+    groups = list(iter_groups(data.images))
+    # Column gathers of the weight matrix are shared by every model of the task.
+    group_weights = [weights[:, positions] for _, _, positions in groups]
+    group_info = pd.DataFrame([{"attribute": attribute, "group": group, **_counts(data, positions)}
+                               for attribute, group, positions in groups])
+    group_info["eligible"] = (group_info["n_pos"] >= min_count) & (group_info["n_neg"] >= min_count)
+    group_info = group_info.loc[group_info.index.repeat(len(METRICS))].reset_index(drop=True)  # one row per metric
+    eligible = group_info["eligible"].to_numpy()[:: len(METRICS)]
+    attributes = np.array([attribute for attribute, _, _ in groups])
+    frames = []
+    for m, (arch, recipe) in enumerate(zip(data.archs, data.recipes)):
+        overall = metric_matrix(weights, data.label, data.prob[m], data.pred[m]).T          # (K, R)
+        values = np.stack([                                                                # (G, K, R)
+            metric_matrix(w, data.label[pos], data.prob[m, pos], data.pred[m, pos]).T
+            for w, (_, _, pos) in zip(group_weights, groups)
+        ])
+        best = _best_group(values[:, :, 0], attributes, eligible)                         # (G, K)
+        best_values = np.where((best >= 0)[:, :, None], values[np.maximum(best, 0), np.arange(len(METRICS))], np.nan)
+        frame = _rows(values, values - overall[None], values - best_values, level=level)
+        frame["overall"] = np.tile(overall[:, 0], len(groups))
+        frame["best_group"] = [groups[b][1] if b >= 0 else "" for b in best.ravel()]
+        frame["best_value"] = best_values[:, :, 0].ravel()
+        frames.append(pd.concat([group_info, frame], axis=1).assign(task=data.task, arch=arch, recipe=recipe))
+    table = pd.concat(frames, ignore_index=True)
+    table["direction"] = _harm_direction(table)
+    table["note"] = _subgroup_notes(table, min_count)
+    return table[_SUBGROUP_COLUMNS]
+
+
+_SUBGROUP_COLUMNS = [
+    "task", "arch", "recipe", "attribute", "group", "n", "n_subjects", "n_pos", "n_neg", "eligible",
+    "metric", "value", "ci_low", "ci_high", "overall",
+    "gap_overall", "gap_overall_ci_low", "gap_overall_ci_high", "p_gap_overall", "p_harm", "direction",
+    "best_group", "best_value", "gap_best", "gap_best_ci_low", "gap_best_ci_high", "p_gap_best", "note",
+]
+
+
+def _best_group(point: np.ndarray, attributes: np.ndarray, eligible: np.ndarray) -> np.ndarray:
+    """(G, K) index of the best eligible group of the same attribute, -1 when there is none
+    (or when the metric has no better/worse direction, i.e. prevalence)."""
+    best = np.full(point.shape, -1)
+    for attribute in np.unique(attributes):
+        members = np.flatnonzero((attributes == attribute) & eligible)
+        for k, direction in enumerate(_DIRECTION):
+            scores = point[members, k] * direction
+            if direction == 0 or not np.isfinite(scores).any():
+                continue
+            best[attributes == attribute, k] = members[np.nanargmax(scores)]
+    return best
+
+
+def _rows(values: np.ndarray, gap_overall: np.ndarray, gap_best: np.ndarray, *, level: float) -> pd.DataFrame:
+    """Flatten (G, K, 1 + B) arrays into G*K rows: estimate (resample 0), CI, p-value."""
+    columns = {"metric": np.tile(METRICS, values.shape[0])}
+    for prefix, array in (("", values), ("gap_overall", gap_overall), ("gap_best", gap_best)):
+        samples = np.moveaxis(array[:, :, 1:], 2, 0)
+        low, high = percentile_interval(samples, level=level)
+        name = prefix or "value"
+        columns[name] = array[:, :, 0].ravel()
+        columns[f"{prefix}_ci_low" if prefix else "ci_low"] = low.ravel()
+        columns[f"{prefix}_ci_high" if prefix else "ci_high"] = high.ravel()
+        if prefix:
+            z = wald_z(array[:, :, 0], samples)
+            columns[f"p_{prefix}"] = (2 * stats.norm.sf(np.abs(z))).ravel()
+            if prefix == "gap_overall":
+                # Harm is a negative gap for higher-is-better metrics, positive for FNR/FPR.
+                harm_z = np.where(_DIRECTION == 0, np.nan, -_DIRECTION * z)
+                columns["p_harm"] = stats.norm.sf(harm_z).ravel()
+    return pd.DataFrame(columns)
+
+
+def _harm_direction(table: pd.DataFrame) -> np.ndarray:
+    sign = table["metric"].map(DIRECTION).to_numpy() * np.sign(table["gap_overall"].to_numpy())
+    return np.select([sign < 0, sign > 0], ["worse", "better"], default="")
+
+
+def _subgroup_notes(table: pd.DataFrame, min_count: int) -> list[str]:
+    notes = []
+    for n_pos, n_neg, eligible in zip(table["n_pos"], table["n_neg"], table["eligible"]):
+        note = _class_note({"n_pos": n_pos, "n_neg": n_neg})
+        if not eligible:
+            note = "; ".join(filter(None, [note, f"fewer than {min_count} positives or negatives: reported, not tested"]))
+        notes.append(note)
+    return notes

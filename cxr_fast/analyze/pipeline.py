@@ -1,0 +1,109 @@
+"""The whole analysis as one call: prediction files in, every table out (nothing written)."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy
+
+from cxr_fast.analyze.consistency import consistency_table
+from cxr_fast.analyze.inputs import load_predictions
+from cxr_fast.analyze.performance import FLAG_METRICS, model_table, subgroup_table
+from cxr_fast.analyze.systematic import systematic_images, systematic_table
+from cxr_fast.analyze.threads import blas_single_threaded
+from cxr_fast.errors import CxrError
+
+
+@dataclass(frozen=True)
+class Settings:
+    split: str = "test"
+    n_bootstrap: int = 1000
+    seed: int = 0
+    systematic_threshold: float = 0.8
+    min_count: int = 30
+    fdr: float = 0.05
+    ci_level: float = 0.95
+
+    def validate(self) -> None:
+        if self.n_bootstrap < 1:
+            raise CxrError(f"--bootstrap must be >= 1 (got {self.n_bootstrap})")
+        if not 0 < self.systematic_threshold <= 1:
+            raise CxrError(f"--systematic-threshold must be in (0, 1] (got {self.systematic_threshold})")
+        if self.min_count < 0:
+            raise CxrError(f"--min-count must be >= 0 (got {self.min_count})")
+        if not 0 < self.fdr < 1:
+            raise CxrError(f"--fdr must be in (0, 1) (got {self.fdr})")
+
+
+@dataclass(frozen=True)
+class Analysis:
+    settings: Settings
+    pred_dir: Path
+    predictions: pd.DataFrame            # the stacked, validated input rows
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # name -> table (= CSV stem)
+
+    @property
+    def inputs(self) -> pd.DataFrame:
+        """One row per input file: which model it is and how many rows were analysed."""
+        return (self.predictions.groupby("source", sort=True)
+                .agg(task=("task", "first"), arch=("arch", "first"), recipe=("recipe", "first"), n_rows=("key", "size"))
+                .reset_index().rename(columns={"source": "file"}))
+
+
+# What the flags mean, written into summary.json and the report.
+DEFINITIONS = {
+    "subgroup_family": (
+        "One Benjamini-Hochberg family for the whole subgroup table: every gap-to-overall test of "
+        f"{', '.join(FLAG_METRICS)} over all tasks, models, attributes (sex, age_group, race, sex x race, "
+        "sex x age_group) and groups with >= min_count positives and >= min_count negatives. "
+        "Test: one-sided (H0: the group is served no worse than overall), z = gap / bootstrap standard error "
+        "(p_harm); p_gap_overall is the two-sided version, matching the CI. Flagged = q_value <= fdr, i.e. "
+        "FNR/FPR significantly higher or balanced accuracy/AUROC significantly lower than overall."
+    ),
+    "systematic_family": (
+        "One Benjamini-Hochberg family per (task, error kind): every group with >= min_count images of the "
+        "relevant class (positives for false negatives, negatives for false positives) in the group and in the "
+        "rest. Fisher exact test of group vs rest x systematically misclassified or not; odds ratio with "
+        "Woolf log CI (Haldane 0.5 correction for zero cells). Flagged = q <= fdr and odds ratio > 1."
+    ),
+    "bootstrap": (
+        "Patient-level cluster bootstrap: subjects resampled with replacement, one resample matrix per task "
+        "(seeded by seed and task name), shared by all models, groups and pairs of the task (paired CIs). "
+        "95% percentile intervals over resamples where the statistic is defined (NaN if under half are)."
+    ),
+    "kappa": (
+        "Error consistency: Cohen's kappa of two models' correct/incorrect vectors, "
+        "(c_obs - c_exp) / (1 - c_exp), c_exp = p1 p2 + (1 - p1)(1 - p2); NaN when c_exp = 1 "
+        "(both models always right, or both always wrong)."
+    ),
+    "systematic": "An image is systematically misclassified when share of models wrong >= systematic_threshold.",
+    "undefined": "AUROC and balanced accuracy are NaN for a group with one class only; PPV/NPV NaN with no predicted positives/negatives.",
+}
+
+
+@blas_single_threaded
+def analyze(*, pred_dir: str | Path, settings: Settings = Settings()) -> Analysis:
+    """Load every prediction file of `pred_dir` and compute all tables."""
+    settings.validate()
+    predictions = load_predictions(pred_dir=pred_dir, split=settings.split)
+    common = {"n_bootstrap": settings.n_bootstrap, "seed": settings.seed, "level": settings.ci_level}
+    tables = {
+        "models": model_table(predictions=predictions, **common),
+        "subgroups": subgroup_table(predictions=predictions, min_count=settings.min_count, fdr=settings.fdr, **common),
+        "consistency": consistency_table(predictions=predictions, **common),
+        "systematic": systematic_table(predictions=predictions, threshold=settings.systematic_threshold,
+                                       min_count=settings.min_count, fdr=settings.fdr, level=settings.ci_level),
+        "systematic_images": systematic_images(predictions=predictions, threshold=settings.systematic_threshold),
+    }
+    return Analysis(settings=settings, pred_dir=Path(pred_dir), predictions=predictions, tables=tables)
+
+
+def versions() -> dict[str, str]:
+    import matplotlib
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "pandas": pd.__version__,
+            "scipy": scipy.__version__, "matplotlib": matplotlib.__version__}

@@ -1,0 +1,298 @@
+"""Write the analysis: index.html (one self-contained file), summary.json and one CSV per table.
+
+Every file goes through cxr_fast.io's atomic writers, so a crashed run leaves either the old
+report or none, never half of one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxr_fast.analyze import figures
+from cxr_fast.analyze.groups import DEMOGRAPHICS, group_sort_key
+from cxr_fast.analyze.inputs import task_data
+from cxr_fast.analyze.metrics import MODEL_METRICS
+from cxr_fast.analyze.pipeline import DEFINITIONS, Analysis, versions
+from cxr_fast.io import write_bytes, write_csv, write_json
+
+METRIC_LABELS = {
+    "prevalence": "prevalence", "auroc": "AUROC", "balanced_accuracy": "balanced accuracy",
+    "sensitivity": "sensitivity", "specificity": "specificity", "ppv": "PPV", "npv": "NPV", "fnr": "FNR", "fpr": "FPR",
+}
+HARM_WORDS = {
+    "fnr": "misses more positives (higher FNR)", "fpr": "more false alarms (higher FPR)",
+    "balanced_accuracy": "lower balanced accuracy", "auroc": "lower AUROC",
+}
+TOP_IMAGES = 25
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222;line-height:1.45;padding:0 1em}
+h1{font-size:1.6em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}h3{margin-top:1.4em}
+table{border-collapse:collapse;font-size:.82em;margin:.6em 0}th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right}
+th{background:#f4f4f4}td.l,th.l{text-align:left}tr.flag td{background:#fdecea}
+.headline li{margin:.3em 0}.note{color:#555;font-size:.9em}.box{background:#f7f9fb;border-left:4px solid #5b8def;padding:.6em 1em}
+img{max-width:100%;height:auto}details{margin:.6em 0}summary{cursor:pointer;font-weight:600}
+"""
+
+
+def _number(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "NaN"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else ""
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.2e}" if 0 < abs(value) < 10 ** -digits else f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _with_ci(value, low, high) -> str:
+    return f"{_number(value)} [{_number(low)}, {_number(high)}]"
+
+
+def _table(frame: pd.DataFrame, *, flag_column: str | None = None, left: tuple[str, ...] = ()) -> str:
+    """A plain HTML table; text columns left-aligned; rows with flag_column True highlighted."""
+    head = "".join(f'<th class="{"l" if c in left else ""}">{html.escape(str(c))}</th>' for c in frame.columns)
+    # Format column by column (iterrows is the slow part for tables of thousands of rows).
+    cells = [[f'<td class="{"l" if column in left else ""}">{_number(value)}</td>' for value in frame[column].tolist()]
+             for column in frame.columns]
+    flags = frame[flag_column].tolist() if flag_column in frame else [False] * len(frame)
+    body = "".join(f'<tr class="{"flag" if flag is True else ""}">{"".join(row)}</tr>'
+                   for flag, row in zip(flags, zip(*cells)))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figure(uri: str, alt: str) -> str:
+    return f'<figure><img alt="{html.escape(alt)}" src="{uri}"></figure>'
+
+
+# --- headline findings ----------------------------------------------------------------------
+
+def headline_findings(analysis: Analysis) -> list[str]:
+    """Plain-language sentences, most important first (plain text; the HTML escapes them)."""
+    settings = analysis.settings
+    lines = _subgroup_headlines(analysis.tables["subgroups"], fdr=settings.fdr)
+    lines += _systematic_headlines(analysis.tables["systematic"], threshold=settings.systematic_threshold)
+    means = analysis.tables["consistency"]
+    means = means[(means["kind"] == "mean") & (means["attribute"] == "overall")]
+    if not means.empty:
+        lines.append("Mean error consistency between models (kappa; 0 = independent errors, 1 = identical errors): " + ", ".join(
+            f"{row.task} {row.kappa:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}]" for row in means.itertuples()) + ".")
+    subgroups = analysis.tables["subgroups"]
+    undefined = subgroups[(subgroups["metric"] == "auroc") & subgroups["value"].isna()]
+    if len(undefined):
+        groups = sorted(set(zip(undefined["task"], undefined["attribute"], undefined["group"])))
+        lines.append(f"AUROC is undefined (NaN) for {len(groups)} task/group combination(s) with one class only, e.g. "
+                     + ", ".join(f"{t}: {a} = {g}" for t, a, g in groups[:4]) + ".")
+    return lines
+
+
+def _span(values: pd.Series, fmt: str = "{:.2f}") -> str:
+    low, high = values.min(), values.max()
+    return fmt.format(low) if np.isclose(low, high) else f"{fmt.format(low)}-{fmt.format(high)}"
+
+
+def _subgroup_headlines(subgroups: pd.DataFrame, *, fdr: float) -> list[str]:
+    """One sentence per flagged group: in how many tasks, for how many models, by how much."""
+    flagged = subgroups[subgroups["flagged"]]
+    if flagged.empty:
+        return [f"No subgroup gap survives Benjamini-Hochberg correction at q = {fdr}: no group is "
+                "significantly worse served than the test set as a whole."]
+    n_tasks = subgroups["task"].nunique()
+    n_models = subgroups[["task", "arch"]].drop_duplicates().shape[0]
+    ranked = sorted(flagged.groupby(["attribute", "group"]), key=lambda kv: (-kv[1]["task"].nunique(), -len(kv[1])))
+    lines = []
+    for (attribute, group), rows in ranked:
+        tasks = sorted(rows["task"].unique())
+        parts = [f"{HARM_WORDS[metric]} for {cell[['task', 'arch']].drop_duplicates().shape[0]} of {n_models} models "
+                 f"({METRIC_LABELS[metric]} {_span(cell['value'])} vs overall {_span(cell['overall'])})"
+                 for metric, cell in rows.groupby("metric", sort=False)]
+        lines.append(f"{attribute} = {group} is served worse than overall in {len(tasks)} of {n_tasks} task(s) "
+                     f"({', '.join(tasks)}): " + "; ".join(parts) + ".")
+    return lines
+
+
+def _systematic_headlines(systematic: pd.DataFrame, *, threshold: float) -> list[str]:
+    flagged = systematic[systematic["flagged"]]
+    if flagged.empty:
+        return ["No group is significantly over-represented among systematically misclassified images "
+                f"(>= {threshold:.0%} of models wrong)."]
+    n_tasks = systematic["task"].nunique()
+    lines = []
+    ranked = sorted(flagged.groupby(["attribute", "group", "error"]), key=lambda kv: (-len(kv[1]), kv[1]["q_value"].min()))
+    for (attribute, group, error), rows in ranked:
+        kind, base = (("systematically missed positives (false negatives)", "positives") if error == "false_negative"
+                      else ("systematic false positives", "negatives"))
+        lines.append(f"{attribute} = {group} is over-represented among {kind} in {len(rows)} of {n_tasks} task(s) "
+                     f"({', '.join(sorted(rows['task']))}): {_span(rows['share_of_systematic'], '{:.0%}')} of them vs "
+                     f"{_span(rows['share_of_class'], '{:.0%}')} of all {base} (odds ratio {_span(rows['odds_ratio'], '{:.1f}')}, "
+                     f"q <= {rows['q_value'].max():.2g}).")
+    return lines
+
+
+# --- HTML sections --------------------------------------------------------------------------
+
+HOW_TO_READ = """
+<div class="box"><b>How to read this report.</b>
+Every number comes with a 95% confidence interval from a patient-level bootstrap: patients (not
+images) are resampled, because images of one patient are not independent.
+A <b>gap</b> is the group's value minus the model's value on the whole test set (gap to overall), or
+minus the best-served group of the same attribute (gap to best). For FNR and FPR a positive gap
+is worse; for AUROC, balanced accuracy, sensitivity, specificity, PPV and NPV a negative gap is worse.
+A row is <b>flagged</b> (highlighted) when its gap to overall is harmful and remains significant after
+Benjamini&ndash;Hochberg correction over the whole table (false discovery rate q = {fdr}); groups with
+fewer than {min_count} positives or negatives are shown but never tested.
+<b>Error consistency</b> (Cohen's kappa of two models' right/wrong vectors) says whether models err on
+the same images more than their accuracies alone would predict. An image is <b>systematically
+misclassified</b> when at least {threshold:.0%} of the models of its task get it wrong; the composition
+charts compare who those images belong to with who is in the test set.
+NaN means undefined (for example AUROC of a group with one class only), not zero.</div>
+"""
+
+
+def _models_section(models: pd.DataFrame, roc_uri: str) -> str:
+    wide = []
+    for (task, arch), rows in models.groupby(["task", "arch"], sort=True):
+        by_metric = rows.set_index("metric")
+        first = rows.iloc[0]
+        record = {"task": task, "model": arch, "n": first["n"], "patients": first["n_subjects"], "positives": first["n_pos"]}
+        for metric in MODEL_METRICS:
+            m = by_metric.loc[metric]
+            record[METRIC_LABELS[metric]] = _with_ci(m["value"], m["ci_low"], m["ci_high"])
+        record["note"] = first["note"]
+        wide.append(record)
+    return ("<h2>Models</h2>" + _table(pd.DataFrame(wide), left=("task", "model", "note"))
+            + "<h3>ROC curves</h3>" + _figure(roc_uri, "ROC curves per task"))
+
+
+def _subgroup_display(rows: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "task": rows["task"], "model": rows["arch"], "attribute": rows["attribute"], "group": rows["group"],
+        "n": rows["n"], "pos": rows["n_pos"], "neg": rows["n_neg"], "metric": rows["metric"].map(METRIC_LABELS),
+        "value [95% CI]": [_with_ci(*v) for v in zip(rows["value"], rows["ci_low"], rows["ci_high"])],
+        "overall": rows["overall"],
+        "gap to overall [95% CI]": [_with_ci(*v) for v in zip(rows["gap_overall"], rows["gap_overall_ci_low"], rows["gap_overall_ci_high"])],
+        "p (harm, 1-sided)": rows["p_harm"], "q": rows["q_value"], "flagged": rows["flagged"],
+        "gap to best [95% CI]": [_with_ci(*v) for v in zip(rows["gap_best"], rows["gap_best_ci_low"], rows["gap_best_ci_high"])],
+        "best group": rows["best_group"], "note": rows["note"],
+    })
+
+
+def _subgroups_section(subgroups: pd.DataFrame, forest_uris: dict[str, str]) -> str:
+    left = ("task", "model", "attribute", "group", "metric", "value [95% CI]", "gap to overall [95% CI]",
+            "gap to best [95% CI]", "best group", "note")
+    flagged = subgroups[subgroups["flagged"]]
+    parts = ["<h2>Subgroups</h2>",
+             f"<p>{DEFINITIONS['subgroup_family']}</p>",
+             "<h3>Flagged gaps</h3>",
+             _table(_subgroup_display(flagged), flag_column="flagged", left=left) if len(flagged) else "<p>None.</p>"]
+    shown = ("fnr", "fpr", "balanced_accuracy", "auroc")
+    for task, uri in forest_uris.items():
+        parts.append(f"<h3>{html.escape(task)}</h3>" + _figure(uri, f"forest plot of subgroup gaps, {task}"))
+        rows = subgroups[(subgroups["task"] == task) & subgroups["metric"].isin(shown)]
+        rows = rows.assign(_order=[group_sort_key(a, g) for a, g in zip(rows["attribute"], rows["group"])])
+        rows = rows.sort_values(["_order", "arch", "metric"], kind="stable")
+        parts.append(f"<details><summary>{html.escape(task)}: FNR, FPR, balanced accuracy and AUROC per group and model "
+                     f"({len(rows)} rows; all metrics in subgroups.csv)</summary>"
+                     + _table(_subgroup_display(rows), flag_column="flagged", left=left) + "</details>")
+    return "".join(parts)
+
+
+def _consistency_section(consistency: pd.DataFrame, kappa_uri: str | None, mean_uri: str | None) -> str:
+    if consistency.empty:
+        return "<h2>Error consistency</h2><p>No task has two or more models: nothing to compare.</p>"
+    means = consistency[consistency["kind"] == "mean"]
+    wide = means.assign(cell=[_with_ci(*v) for v in zip(means["kappa"], means["ci_low"], means["ci_high"])])
+    wide = wide.pivot_table(index=["attribute", "group"], columns="task", values="cell", aggfunc="first")
+    wide = wide.reindex(sorted(wide.index, key=lambda ag: (-1,) if ag[0] == "overall" else group_sort_key(*ag))).reset_index()
+    pairs = consistency[(consistency["kind"] == "pair") & (consistency["attribute"] == "overall")]
+    pair_table = pairs[["task", "model_a", "model_b", "n", "p_correct_a", "p_correct_b", "c_obs", "c_exp", "kappa", "ci_low", "ci_high", "note"]]
+    return ("<h2>Error consistency</h2>"
+            f"<p>{DEFINITIONS['kappa']}</p>"
+            + (_figure(kappa_uri, "pairwise kappa heatmaps") if kappa_uri else "")
+            + (_figure(mean_uri, "mean kappa per group and task") if mean_uri else "")
+            + "<h3>Mean kappa over model pairs [95% CI]</h3>" + _table(wide, left=("attribute", "group") + tuple(wide.columns))
+            + "<details><summary>Every model pair on all test images</summary>"
+            + _table(pair_table, left=("task", "model_a", "model_b", "note")) + "</details>")
+
+
+def _systematic_section(systematic: pd.DataFrame, images: pd.DataFrame, composition_uris: list[str], threshold: float) -> str:
+    rows = systematic.sort_values(["flagged", "q_value"], ascending=[False, True], kind="stable")
+    rows = rows[rows["tested"] | rows["flagged"]]
+    shown = rows[["task", "error", "attribute", "group", "n_class_group", "n_systematic_group", "n_systematic",
+                  "share_of_class", "share_of_systematic", "odds_ratio", "or_ci_low", "or_ci_high", "p_value", "q_value", "flagged"]]
+    top = images.groupby("task", sort=True).head(TOP_IMAGES)
+    return ("<h2>Systematic misclassification</h2>"
+            f"<p>{DEFINITIONS['systematic']} (here {threshold:.0%}). {DEFINITIONS['systematic_family']}</p>"
+            + "".join(_figure(uri, "composition of systematic errors") for uri in composition_uris)
+            + "<h3>Over-representation among systematic errors (tested groups)</h3>"
+            + _table(shown.reset_index(drop=True), flag_column="flagged", left=("task", "error", "attribute", "group"))
+            + f"<h3>Most consistently misclassified images (top {TOP_IMAGES} per task; all in systematic_images.csv)</h3>"
+            + (_table(top.reset_index(drop=True), left=("task", "key", "dicom_id", "subject_id", "study_id", "error", "sex", "age_group", "race"))
+               if len(top) else "<p>No image reaches the threshold.</p>"))
+
+
+def render_html(analysis: Analysis) -> str:
+    settings, tables = analysis.settings, analysis.tables
+    tasks = task_data(analysis.predictions)
+    consistency = tables["consistency"]
+    inputs = analysis.inputs
+    forest_uris = {data.task: figures.forest_figure(tables["subgroups"], task=data.task) for data in tasks}
+    kappa_uri = figures.kappa_figure(consistency) if not consistency.empty else None
+    mean_uri = figures.mean_kappa_figure(consistency) if not consistency.empty else None
+    composition_uris = [figures.composition_figure(tables["systematic"], attribute=a) for a in DEMOGRAPHICS]
+    headline = "".join(f"<li>{html.escape(line)}</li>" for line in headline_findings(analysis))
+    settings_line = (f"split <b>{html.escape(settings.split)}</b>, {len(inputs)} prediction files, "
+                     f"{settings.n_bootstrap} patient-level bootstrap resamples (seed {settings.seed}), "
+                     f"systematic threshold {settings.systematic_threshold}, min count {settings.min_count}, "
+                     f"FDR q = {settings.fdr}")
+    body = "".join([
+        "<h1>cxr_fast: who do the models get wrong?</h1>",
+        f"<p class=note>{settings_line}</p>",
+        f'<h2>Headline findings</h2><ul class="headline">{headline}</ul>',
+        HOW_TO_READ.format(fdr=settings.fdr, min_count=settings.min_count, threshold=settings.systematic_threshold),
+        _models_section(tables["models"], figures.roc_figure(tasks)),
+        _subgroups_section(tables["subgroups"], forest_uris),
+        _consistency_section(consistency, kappa_uri, mean_uri),
+        _systematic_section(tables["systematic"], tables["systematic_images"], composition_uris, settings.systematic_threshold),
+        "<h2>Inputs</h2>", _table(inputs, left=("file", "task", "arch", "recipe")),
+        f"<p class=note>{html.escape(', '.join(f'{k} {v}' for k, v in versions().items()))}</p>",
+    ])
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>cxr_fast analysis</title>'
+            f"<style>{CSS}</style></head><body>{body}</body></html>\n")
+
+
+# --- files ----------------------------------------------------------------------------------
+
+def _records(frame: pd.DataFrame) -> list[dict]:
+    """JSON-ready rows: NaN -> null (strict JSON has no NaN)."""
+    return frame.astype(object).where(frame.notna(), None).to_dict("records")
+
+
+def summary(analysis: Analysis) -> dict:
+    return {
+        "settings": dataclasses.asdict(analysis.settings),
+        "pred_dir": str(analysis.pred_dir),
+        "inputs": _records(analysis.inputs),
+        "definitions": DEFINITIONS,
+        "headline": headline_findings(analysis),
+        "tables": {name: _records(table) for name, table in analysis.tables.items()},
+        "versions": versions(),
+    }
+
+
+def write_report(*, analysis: Analysis, out: str | Path) -> Path:
+    """Write every CSV, summary.json and index.html into `out`; return the index.html path."""
+    out = Path(out)
+    for name, table in analysis.tables.items():
+        write_csv(out / f"{name}.csv", table)
+    write_json(out / "summary.json", summary(analysis))
+    index = out / "index.html"
+    write_bytes(index, render_html(analysis).encode("utf-8"))
+    return index

@@ -1,0 +1,127 @@
+"""`python -m cxr_fast.analyze`: clear one-line errors, and a self-contained report whose
+summary.json says the same as its CSVs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxr_fast.analyze import Settings, analyze
+from cxr_fast.analyze.__main__ import main
+from cxr_fast.errors import run_cli
+from pred_fixtures import simulate_predictions, write_frames, write_pred_dir
+
+TABLES = ("models", "subgroups", "consistency", "systematic", "systematic_images")
+
+
+def run_expecting_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message
+    return message
+
+
+def cli_args(pred_dir, out, *extra: str) -> list[str]:
+    return ["--pred-dir", str(pred_dir), "--out", str(out), "--bootstrap", "20", *extra]
+
+
+def test_missing_columns_are_named_with_the_file(tmp_path, capsys):
+    frame = simulate_predictions(n_images=50, archs=("resnet50",))
+    pred_dir = write_frames(tmp_path / "all_pred", {"effusion_resnet50": frame.drop(columns=["prob", "race"])})
+    message = run_expecting_error(cli_args(pred_dir, tmp_path / "out"), capsys)
+    assert "effusion_resnet50.parquet" in message and "'prob'" in message and "'race'" in message
+
+
+def test_empty_and_missing_directories(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert "no prediction files" in run_expecting_error(cli_args(tmp_path / "empty", tmp_path / "out"), capsys)
+    assert "not found" in run_expecting_error(cli_args(tmp_path / "nowhere", tmp_path / "out"), capsys)
+
+
+def test_models_of_one_task_with_different_test_sets(tmp_path, capsys):
+    frame = simulate_predictions(tasks=("edema", "effusion"), archs=("resnet50", "densenet121"), n_images=60)
+    frames = {recipe: rows for recipe, rows in frame.groupby("recipe")}
+    frames["edema_densenet121"] = frames["edema_densenet121"].iloc[5:]  # five images fewer
+    message = run_expecting_error(cli_args(write_frames(tmp_path / "all_pred", frames), tmp_path / "out"), capsys)
+    assert "edema" in message and "differ" in message and ".parquet" in message
+
+
+def test_no_rows_for_the_split(tmp_path, capsys):
+    pred_dir = write_pred_dir(tmp_path, n_images=40)
+    message = run_expecting_error(cli_args(pred_dir, tmp_path / "out", "--split", "val"), capsys)
+    assert "split == 'val'" in message and "test" in message and ".parquet" in message
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    pred_dir = write_pred_dir(root, tasks=("edema", "effusion"), n_images=300, n_val_images=40, seed=4)
+    out = root / "reports" / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(cli_args(pred_dir, out, "--seed", "3")) == 0
+    assert printed.getvalue().strip() == str(out / "index.html")  # the report path, last
+    return pred_dir, out
+
+
+def test_report_files(report):
+    _, out = report
+    assert sorted(path.name for path in out.iterdir()) == sorted(["index.html", "summary.json"] + [f"{t}.csv" for t in TABLES])
+
+
+def test_html_is_one_self_contained_file_with_figures(report):
+    _, out = report
+    page = (out / "index.html").read_text()
+    assert "http" not in page and "<link" not in page and "<script" not in page and "url(" not in page
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert sources and all(source.startswith("data:image/png;base64,") for source in sources)
+    # ROC grid + one forest plot per task + 2 kappa figures + 3 composition charts.
+    assert len(sources) == 1 + 2 + 2 + 3
+    for heading in ("Headline findings", "How to read this report", "Subgroups", "Error consistency",
+                    "Systematic misclassification"):
+        assert heading in page
+    assert page.index("Headline findings") < page.index("<h2>Models</h2>")
+
+
+def as_text(values: pd.Series) -> pd.Series:
+    return values.astype(object).where(values.notna(), "").astype(str)
+
+
+def csv_equals_json(csv: pd.DataFrame, records: list[dict]) -> None:
+    from_json = pd.DataFrame.from_records(records, columns=list(csv.columns))
+    assert len(from_json) == len(csv)
+    for column in csv.columns:
+        expected, got = csv[column], from_json[column]
+        textual = any(isinstance(value, str) for value in got)  # an all-empty text column reads back as NaN
+        if not textual:
+            np.testing.assert_allclose(got.astype(float), expected.astype(float), rtol=1e-12, equal_nan=True, err_msg=column)
+        else:
+            assert (as_text(got) == as_text(expected)).all(), column
+
+
+def test_summary_json_matches_the_csvs_and_records_settings(report):
+    pred_dir, out = report
+    summary = json.loads((out / "summary.json").read_text())
+    settings = summary["settings"]
+    assert (settings["split"], settings["n_bootstrap"], settings["seed"]) == ("test", 20, 3)
+    assert (settings["systematic_threshold"], settings["min_count"], settings["fdr"]) == (0.8, 30, 0.05)
+    assert sorted(item["file"] for item in summary["inputs"]) == sorted(str(p) for p in pred_dir.glob("*.parquet"))
+    assert summary["headline"] and "subgroup_family" in summary["definitions"]
+    for table in TABLES:
+        csv = pd.read_csv(out / f"{table}.csv")
+        csv_equals_json(csv, summary["tables"][table])
+
+
+def test_tables_are_reproducible_with_the_same_seed(report):
+    pred_dir, out = report
+    analysis = analyze(pred_dir=pred_dir, settings=Settings(n_bootstrap=20, seed=3))
+    for table in TABLES:
+        assert analysis.tables[table].to_csv(index=False) == (out / f"{table}.csv").read_text()
