@@ -11,9 +11,9 @@ export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/build/inductor
 export MPLCONFIGDIR := $(CURDIR)/build/matplotlib
 
 PHANTOM_DIR ?= data/phantom
-PHANTOM_IMAGES ?= 3000
+PHANTOM_IMAGES ?= 8000
 PHANTOM_SEED ?= 0
-SHARD_SIZE ?= 256
+SHARD_SIZE ?= 1000
 ifdef MIMIC_CXR
 SHARDS ?= shards/mimic
 else
@@ -21,7 +21,7 @@ SHARDS ?= shards/phantom
 endif
 # The demo: three CPU-sized archs x six tasks, a few epochs each at 64 px.
 DEMO_ARCHS ?= test_resnet,test_convnext,test_efficientnet
-DEMO_EPOCHS ?= 8
+DEMO_EPOCHS ?= 6
 DEMO_REPORT ?= reports/demo
 
 .PHONY: setup test shards demo bench clean help
@@ -48,6 +48,11 @@ dirs:
 test: setup dirs
 	WANDB_MODE=disabled $(PY) -m pytest -q
 
+# CPU suite (< 10 min on 2 cores): benchmarks/results/<machine>-<date>.json + the table in BENCHMARKS.md.
+# The phantom it draws (1,024 px sources, 256 px shards) is cached in build/bench/.
+bench: setup dirs
+	WANDB_MODE=disabled $(PY) -m cxr_fast.bench suite
+
 ifdef MIMIC_CXR
 shards: setup dirs
 	$(PY) tools/shard_dataset.py --source mimic --root $(MIMIC_CXR) $(if $(MIMIC_IV),--demographics $(MIMIC_IV)) --out $(SHARDS) --size 256
@@ -61,7 +66,7 @@ $(SHARDS)/manifest.parquet: $(PHANTOM_DIR)/phantom_truth.json
 endif
 
 demo: shards
-	$(PY) -m cxr_fast.sweep --tasks all --archs $(DEMO_ARCHS) shards=$(SHARDS) epochs=$(DEMO_EPOCHS) logger=none
+	$(PY) -m cxr_fast.sweep --in-process --tasks all --archs $(DEMO_ARCHS) shards=$(SHARDS) epochs=$(DEMO_EPOCHS) logger=none
 	$(PY) -m cxr_fast.predict --all --split test shards=$(SHARDS)
 	$(PY) -m cxr_fast.analyze --pred-dir all_pred --out $(DEMO_REPORT)
 	@echo "report: $(CURDIR)/$(DEMO_REPORT)/index.html"

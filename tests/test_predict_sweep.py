@@ -108,10 +108,11 @@ def test_sweep_validates_every_config_before_running(capsys):
         sweep.main(["--archs", "resnet9", "--dry-run"])
 
 
-def test_sweep_trains_locally_and_then_skips(phantom_shards, tmp_path, capsys):
+@pytest.mark.parametrize("mode", [[], ["--in-process"]], ids=["subprocess", "in-process"])
+def test_sweep_trains_locally_and_then_skips(phantom_shards, tmp_path, capsys, mode):
     settings = [f"shards={phantom_shards}", f"weights_dir={tmp_path / 'weights'}", f"runs_dir={tmp_path / 'runs'}",
                 "epochs=1", "batch_size=16", "logger=none", "max_steps_per_epoch=2"]
-    assert sweep.main(["--tasks", "effusion", "--archs", "test_resnet", "--logs", str(tmp_path / "logs"), *settings]) == 0
+    assert sweep.main(["--tasks", "effusion", "--archs", "test_resnet", "--logs", str(tmp_path / "logs"), *mode, *settings]) == 0
     assert json.loads((tmp_path / "weights" / "effusion_test_resnet" / "status.json").read_text())["finished"]
     capsys.readouterr()
     assert sweep.main(["--tasks", "effusion", "--archs", "test_resnet", "--dry-run", *settings]) == 0

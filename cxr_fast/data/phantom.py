@@ -53,7 +53,7 @@ Drawing (`draw_radiograph`)
 
 The planted disparity (on by default; `--no-bias` turns it off)
   Images of subjects whose derived race is `Black`, and images whose age group at the study
-  is `80+`, get hardness 1.0: every finding is drawn at FINDING_CONTRAST_WHEN_HARD (0.45) of
+  is `80+`, get hardness 1.0: every finding is drawn at FINDING_CONTRAST_WHEN_HARD (0.2) of
   its contrast and overlaid, inside the finding only, with blotchy noise (sd
   FINDING_NOISE_SD_WHEN_HARD, grain 1/16 of the image), so a classifier misses findings
   there. Everything else is identical with and without bias: same subjects, labels,
@@ -119,8 +119,8 @@ FINDINGS: tuple[str, ...] = tuple(label for label in CHEXPERT_LABELS if label !=
 
 HARDER_RACE = "Black"
 HARDER_AGE_GROUP = "80+"
-FINDING_CONTRAST_WHEN_HARD = 0.45
-FINDING_NOISE_SD_WHEN_HARD = 0.10
+FINDING_CONTRAST_WHEN_HARD = 0.2
+FINDING_NOISE_SD_WHEN_HARD = 0.15
 UNCERTAIN_STRENGTH = 0.5  # -1.0 labels are drawn at this fraction of full strength
 
 # ------------------------------------------------------------------------------ population parameters
