@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -197,7 +196,6 @@ def test_a_cohort_emptied_by_the_filters_is_an_error(phantom_root, tmp_path):
 
 
 def _write_dicom(path: Path, pixels: np.ndarray, photometric: str) -> None:
-    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cxr_fast.errors import CxrError
@@ -20,22 +21,49 @@ def read_manifest(shards_dir: str | os.PathLike) -> pd.DataFrame:
     return read_table(path, columns=MANIFEST_COLUMNS)
 
 
-def read_payloads(rows: pd.DataFrame, shards_dir: str | os.PathLike) -> list[bytes]:
-    """The JPEG bytes of each row, in row order; each shard file is opened once."""
-    payloads: list[bytes | None] = [None] * len(rows)
-    order = rows.reset_index(drop=True)
-    for shard, group in order.groupby("shard", sort=True):
-        path = Path(shards_dir) / shard
-        try:
-            handle = os.open(path, os.O_RDONLY)
-        except OSError as error:
-            raise CxrError(f"{path}: cannot open shard ({error.strerror})") from None
-        try:
-            for position, offset, nbytes in zip(group.index, group["offset"], group["nbytes"]):
-                data = os.pread(handle, int(nbytes), int(offset))
-                if len(data) != nbytes:
-                    raise CxrError(f"{path}: truncated shard (offset {offset} beyond its end)")
-                payloads[position] = data
-        finally:
+class ShardReader:
+    """JPEG bytes by manifest row, read with os.pread from shard files opened once."""
+
+    def __init__(self, rows: pd.DataFrame, shards_dir: str | os.PathLike):
+        self.shards_dir = Path(shards_dir)
+        shard_names = rows["shard"].astype(str).to_numpy()
+        names, self.shard_index = np.unique(shard_names, return_inverse=True)
+        self.offsets = rows["offset"].to_numpy(dtype=np.int64)
+        self.nbytes = rows["nbytes"].to_numpy(dtype=np.int64)
+        self.handles: list[int] = []
+        for name in names:
+            path = self.shards_dir / name
+            try:
+                self.handles.append(os.open(path, os.O_RDONLY))
+            except OSError as error:
+                self.close()
+                raise CxrError(f"{path}: cannot open shard ({error.strerror})") from None
+        self.paths = [self.shards_dir / name for name in names]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def read(self, indices) -> list[np.ndarray]:
+        out = []
+        for i in indices:
+            handle = self.handles[self.shard_index[i]]
+            size, offset = int(self.nbytes[i]), int(self.offsets[i])
+            data = os.pread(handle, size, offset)
+            if len(data) != size:
+                raise CxrError(f"{self.paths[self.shard_index[i]]}: truncated shard (offset {offset} beyond its end)")
+            out.append(np.frombuffer(data, dtype=np.uint8))
+        return out
+
+    def close(self) -> None:
+        for handle in self.handles:
             os.close(handle)
-    return payloads  # type: ignore[return-value]
+        self.handles = []
+
+
+def read_payloads(rows: pd.DataFrame, shards_dir: str | os.PathLike) -> list[np.ndarray]:
+    """The JPEG bytes of every row, in row order (uint8 arrays)."""
+    reader = ShardReader(rows, shards_dir)
+    try:
+        return reader.read(range(len(reader)))
+    finally:
+        reader.close()
