@@ -495,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     result = train(config, progress_bar=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # one summary line per run, not per process
+        return 0
     print(f"{config.recipe}: best epoch {result['best_epoch']} (val balanced accuracy "
           f"{result['best_balanced_accuracy']:.3f}) -> {config.weights_path / 'best.safetensors'}")
     return 0
