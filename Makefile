@@ -21,7 +21,7 @@ SHARDS ?= shards/phantom
 endif
 # The demo: three CPU-sized archs x six tasks, a few epochs each at 64 px.
 DEMO_ARCHS ?= test_resnet,test_convnext,test_efficientnet
-DEMO_EPOCHS ?= 5
+DEMO_EPOCHS ?= 6
 DEMO_REPORT ?= reports/demo
 
 .PHONY: setup test shards demo bench clean help

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from cxr_fast.errors import CxrError, run_cli
+from cxr_fast.io import write_json
 from cxr_fast.loading.augment import MEAN, STD, AugmentSettings
 
 LOADERS = ("naive", "wds", "dali-stock", "dali", "resident")
@@ -94,15 +95,10 @@ def cpu_model() -> str:
 
 
 def library_versions() -> dict:
-    from importlib import metadata
+    from cxr_fast.io import package_versions
 
-    versions = {}
-    for name in ("torch", "torchvision", "timm", "accelerate", "nvidia-dali-cuda130", "webdataset", "pillow",
-                 "numpy", "pandas"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = package_versions(("torch", "torchvision", "timm", "accelerate", "nvidia-dali-cuda130", "webdataset",
+                                 "pillow", "numpy", "pandas"))
     try:
         from PIL import features
 
@@ -798,12 +794,6 @@ def target_report(results: dict) -> list[dict]:
                            "value": entry["efficiency"], "met": entry["efficiency"] >= target,
                            "shortfall": None if entry["efficiency"] >= target else round(target / entry["efficiency"], 2)})
     return report
-
-
-def write_json(path: Path, obj) -> None:
-    from cxr_fast.io import write_json as atomic_write_json
-
-    atomic_write_json(path, obj)
 
 
 # ---------------------------------------------------------------------- BENCHMARKS.md

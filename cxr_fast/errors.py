@@ -18,6 +18,11 @@ class CxrError(Exception):
 EXIT_USER_ERROR = 2
 
 
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's message folded onto one line, for wrapping it into a CxrError."""
+    return " ".join(str(error).split())[:limit] or type(error).__name__
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> NoReturn:
     """Run a `main(argv)` and exit with its status; a CxrError becomes `error: <message>`."""
     try:

@@ -67,6 +67,20 @@ def write_csv(path: str | os.PathLike, frame: pd.DataFrame) -> None:
             frame.to_csv(tmp, index=False)
 
 
+def package_versions(names: Iterable[str]) -> dict[str, str | None]:
+    """Python and the installed versions of `names` (None when missing), for provenance records."""
+    import platform
+    from importlib import metadata
+
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def read_table(path: str | os.PathLike, *, columns: Iterable[str] = (), **read_csv_args: Any) -> pd.DataFrame:
     """Read a CSV (plain or .gz) or parquet file; name the file in any error.
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from cxr_fast.errors import CxrError
+from cxr_fast.errors import CxrError, one_line
 
 
 @dataclass(frozen=True)
@@ -103,10 +103,6 @@ def build_model(slug: str, *, pretrained: bool, image_size: int | None = None, p
     except OSError as error:
         # huggingface_hub's "not reachable / not cached" errors are OSErrors.
         raise CxrError(
-            f"{arch.timm_name}: pretrained weights could not be loaded ({_first_line(error)}); "
+            f"{arch.timm_name}: pretrained weights could not be loaded ({one_line(error)}); "
             "run with pretrained=false, or pretrained_file=/path/to/weights.safetensors"
         ) from error
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [item for item in args.rest if "=" in item]
     settings = parse_overrides(overrides)
     if args.all:
-        recipes = trained_recipes(Path(settings.get("weights_dir", "weights")))
+        recipes = trained_recipes(Path(settings.get("weights_dir", Config.weights_dir)))
     elif args.recipe and not positional:
         recipes = args.recipe
     elif len(positional) == 2 and not args.recipe:

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from cxr_fast.errors import CxrError
+from cxr_fast.errors import CxrError, one_line
 from cxr_fast.models import ARCHS, get_arch
 from cxr_fast.tasks import TASKS, task_name
 
@@ -156,14 +156,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise CxrError(f"{path}: not valid YAML ({_one_line(error)})") from error
+        raise CxrError(f"{path}: not valid YAML ({one_line(error)})") from error
     if not isinstance(data, dict):
         raise CxrError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     return data
 
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
 
 
 def _coerce(key: str, value: Any, origin: str) -> Any:

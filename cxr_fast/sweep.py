@@ -84,6 +84,7 @@ def run_local(commands: list[tuple[str, list[str]]], *, logs: Path) -> int:
             log = open(logs / f"{recipe}.log", "a")
             print(f"start {recipe}" + (f" on GPU {slot}" if slot is not None else ""), flush=True)
             running[slot] = (recipe, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+            log.close()  # the child holds its own copy of the descriptor
         for slot, (recipe, process) in list(running.items()):
             if process.poll() is not None:
                 del running[slot]
@@ -112,7 +113,8 @@ def run_in_process(recipes: list[str], overrides: list[str]) -> int:
     return failures
 
 
-def slurm_script(recipes: list[str], overrides: list[str], *, gpus_per_task: int, time_limit: str, partition: str) -> str:
+def slurm_script(recipes: list[str], overrides: list[str], *, weights_dir: str, gpus_per_task: int, time_limit: str,
+                 partition: str) -> str:
     """An sbatch array: task i trains recipe i with `accelerate launch` on its own GPUs."""
     lines = "\n".join(shlex.quote(recipe) for recipe in recipes)
     extra = " ".join(shlex.quote(item) for item in overrides)
@@ -131,7 +133,8 @@ RECIPES=(
 {lines}
 )
 RECIPE=${{RECIPES[$SLURM_ARRAY_TASK_ID]}}
-if python -c "import json,sys; sys.exit(0 if json.load(open('weights/$RECIPE/status.json')).get('finished') else 1)" 2>/dev/null; then
+if python -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1])).get('finished') else 1)" \
+    {shlex.quote(weights_dir)}/"$RECIPE"/status.json 2>/dev/null; then
   echo "$RECIPE already finished"; exit 0
 fi
 accelerate launch --num_processes {gpus_per_task} -m cxr_fast.train --recipe "$RECIPE" --no-progress {extra}
@@ -160,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.slurm:
         with atomic_path(args.slurm) as tmp:
-            tmp.write_text(slurm_script(recipes, args.overrides, gpus_per_task=args.gpus_per_task,
+            tmp.write_text(slurm_script(recipes, args.overrides, weights_dir=configs[recipes[0]].weights_dir,
+                                        gpus_per_task=args.gpus_per_task,
                                         time_limit=args.time, partition=args.partition))
         print(f"wrote {args.slurm}: {len(recipes)} array tasks; submit with: sbatch {args.slurm}")
         return 0

@@ -96,7 +96,8 @@ def seed_everything(seed: int) -> None:
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's device only: a resume may see another number of GPUs.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -105,7 +106,7 @@ def restore_rng(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -161,7 +162,7 @@ class MetricsLog:
         # A run killed mid-epoch may have logged epochs that the resume will redo.
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("epoch", 0) <= epoch]
+        kept = [line for line in self.path.read_text().splitlines() if _epoch_of(line) <= epoch]
         with atomic_path(self.path) as tmp:
             tmp.write_text("".join(line + "\n" for line in kept))
 
@@ -177,6 +178,14 @@ class MetricsLog:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _epoch_of(line: str) -> float:
+    """The epoch of a metrics.jsonl line; a line cut short by a kill sorts after every epoch."""
+    try:
+        return json.loads(line)["epoch"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _start_wandb(config: Config):
@@ -223,7 +232,8 @@ def train(config: Config, *, progress_bar: bool = True) -> dict:
     kind = choose_loader(config.loader, n_images=len(train_data.rows) + len(val_data.rows), settings=settings,
                          device=device, budget=config.device_memory_budget)
     loaders = {name: make_loader(kind, data.rows, Path(config.shards), settings, device=device,
-                                 batch_size=batch_size, seed=config.seed, threads=config.decode_threads)
+                                 batch_size=batch_size, seed=config.seed, rank=accelerator.process_index,
+                                 threads=config.decode_threads)
                for name, data in (("train", train_data), ("val", val_data))}
 
     model, optimizer = prepare_model(config, accelerator, settings.image_size)
@@ -232,7 +242,7 @@ def train(config: Config, *, progress_bar: bool = True) -> dict:
     last_path = config.weights_path / "last.pt"
     if last_path.is_file():
         state = resume(last_path, accelerator, model, optimizer, config)
-    if state.epoch >= config.epochs:
+    if state.epoch >= config.epochs or stopped_early(state, config):
         accelerator.print(f"{config.recipe}: already trained {state.epoch} epochs (best epoch {state.best_epoch}); nothing to do")
         return summary(config, state, kind)
 
@@ -252,6 +262,9 @@ def train(config: Config, *, progress_bar: bool = True) -> dict:
                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
             if config.max_steps_per_epoch:
                 indices = indices[: config.max_steps_per_epoch * batch_size * config.grad_accum]
+            # One host->device copy per epoch: a per-batch copy from pageable memory would
+            # make the host wait for the GPU every step.
+            epoch_targets = labels_on_device[torch.as_tensor(indices, device=device)]
             model.train()
             started = time.perf_counter()
             waited = 0.0
@@ -265,7 +278,7 @@ def train(config: Config, *, progress_bar: bool = True) -> dict:
                 tick = time.perf_counter()
                 images = next(batches)
                 waited += time.perf_counter() - tick
-                target = labels_on_device[torch.as_tensor(indices[batch_number * batch_size:(batch_number + 1) * batch_size], device=device)]
+                target = epoch_targets[batch_number * batch_size:(batch_number + 1) * batch_size]
                 lr = lr_at(state.step, total_steps=total_steps, warmup_steps=warmup_steps,
                            base_lr=config.lr, min_lr_ratio=config.min_lr_ratio)
                 loss = train_step(images, target, lr, model=model, forward=forward, optimizer=optimizer,
@@ -276,14 +289,14 @@ def train(config: Config, *, progress_bar: bool = True) -> dict:
                 loss_sum += loss.detach()
                 seen += len(images)
                 if (batch_number + 1) % config.log_every == 0:
-                    check_finite(bad, config, epoch, batch_number)  # the only host sync in the loop
+                    check_finite(bad, accelerator, config, epoch, batch_number)  # the only host sync in the loop
                     bar.set_postfix(loss=f"{loss_sum.item() / (batch_number + 1):.4f}",
                                     img_s=f"{seen / (time.perf_counter() - started):.0f}",
                                     data_wait=f"{waited / (time.perf_counter() - started):.0%}")
                 bar.update()
             bar.close()
             n_batches = max(1, len(indices) // batch_size)
-            check_finite(bad, config, epoch, n_batches)
+            check_finite(bad, accelerator, config, epoch, n_batches - 1)
             train_seconds = time.perf_counter() - started
             val = evaluate(forward, model, loaders["val"], val_data, accelerator)
             record = {"epoch": epoch + 1, "step": state.step, "train_loss": loss_sum.item() / n_batches,
@@ -295,7 +308,7 @@ def train(config: Config, *, progress_bar: bool = True) -> dict:
             log.log(record)
             state = end_of_epoch(state, record, val, model, optimizer, accelerator, config)
             accelerator.print(epoch_line(config, record))
-            stop_early = bool(config.early_stopping) and state.epochs_since_best >= config.early_stopping
+            stop_early = stopped_early(state, config, accelerator)
             if accelerator.is_main_process:
                 write_status(config, state, finished=stop_early or state.epoch >= config.epochs)
             if stop_early:
@@ -359,7 +372,21 @@ def steps_in_epoch(data: SplitData, config: Config, batch_size: int, world_size:
     return max(1, batches // config.grad_accum)
 
 
-def check_finite(bad: torch.Tensor, config: Config, epoch: int, batch: int) -> None:
+def stopped_early(state: Progress, config: Config, accelerator=None) -> bool:
+    """Early stopping (off unless early_stopping > 0), decided by the main process for all:
+    validation on different GPUs may differ in the last bits, and a process that stops
+    alone would leave the others waiting in the next all-reduce."""
+    stop = bool(config.early_stopping) and state.epochs_since_best >= config.early_stopping
+    if accelerator is None or accelerator.num_processes == 1:
+        return stop
+    from accelerate.utils import broadcast
+
+    return bool(broadcast(torch.tensor([stop], device=accelerator.device), from_process=0).item())
+
+
+def check_finite(bad: torch.Tensor, accelerator, config: Config, epoch: int, batch: int) -> None:
+    if accelerator.num_processes > 1:  # every process stops together, or none does
+        bad = accelerator.reduce(bad.float(), reduction="sum") > 0
     if bool(bad):
         raise NonFiniteLoss(
             f"{config.recipe}: the loss became NaN/inf in epoch {epoch + 1} by batch {batch + 1}; "

@@ -99,6 +99,7 @@ def test_sweep_writes_a_slurm_array(tmp_path):
     assert "#SBATCH --array=0-11" in text and "#SBATCH --gres=gpu:2" in text
     assert "accelerate launch --num_processes 2 -m cxr_fast.train" in text and "epochs=100" in text
     assert "no_finding_densenet121" in text and "cardiomegaly_resnet50" in text
+    assert "weights/\"$RECIPE\"/status.json" in text
 
 
 def test_sweep_validates_every_config_before_running(capsys):

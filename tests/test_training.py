@@ -115,6 +115,30 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(phanto
     assert last.read_bytes() == good
 
 
+def test_an_early_stopped_recipe_is_not_trained_again(phantom_shards, tmp_path):
+    # A vanishing step cannot improve validation, so patience 1 stops after epoch 2 of 6.
+    config = load_config(RECIPE, small(phantom_shards, tmp_path, epochs=6, early_stopping=1, lr=1e-12,
+                                       max_steps_per_epoch=2))
+    assert train(config, progress_bar=False)["epochs"] == 2
+    status = json.loads((tmp_path / "weights" / RECIPE / "status.json").read_text())
+    assert status["finished"] and status["epoch"] == 2
+    last = tmp_path / "weights" / RECIPE / "last.pt"
+    before = last.read_bytes()
+    assert train(config, progress_bar=False)["epochs"] == 2
+    assert last.read_bytes() == before
+
+
+def test_a_log_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    from cxr_fast.train import MetricsLog
+
+    config = load_config(RECIPE, [f"runs_dir={tmp_path}", "logger=none"])
+    path = tmp_path / RECIPE / "metrics.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"epoch": 1, "step": 3}\n{"epoch": 2, "step": 6}\n{"epoch": 3, "st')
+    MetricsLog(config, enabled=True, resume_epoch=2)
+    assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2]
+
+
 def test_bf16_autocast_path_on_cpu(phantom_shards, tmp_path):
     from cxr_fast.models import build_model
     from cxr_fast.train import make_accelerator

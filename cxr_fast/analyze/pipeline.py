@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import scipy
 
 from cxr_fast.analyze.consistency import consistency_table
 from cxr_fast.analyze.inputs import load_predictions
@@ -16,6 +13,7 @@ from cxr_fast.analyze.performance import FLAG_METRICS, model_table, subgroup_tab
 from cxr_fast.analyze.systematic import systematic_images, systematic_table
 from cxr_fast.analyze.threads import blas_single_threaded
 from cxr_fast.errors import CxrError
+from cxr_fast.io import package_versions
 
 
 @dataclass(frozen=True)
@@ -102,8 +100,5 @@ def analyze(*, pred_dir: str | Path, settings: Settings = Settings()) -> Analysi
     return Analysis(settings=settings, pred_dir=Path(pred_dir), predictions=predictions, tables=tables)
 
 
-def versions() -> dict[str, str]:
-    import matplotlib
-
-    return {"python": platform.python_version(), "numpy": np.__version__, "pandas": pd.__version__,
-            "scipy": scipy.__version__, "matplotlib": matplotlib.__version__}
+def versions() -> dict[str, str | None]:
+    return package_versions(("cxr_fast", "numpy", "pandas", "scipy", "matplotlib"))

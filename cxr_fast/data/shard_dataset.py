@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +19,7 @@ import pandas as pd
 from cxr_fast.data import shards
 from cxr_fast.data.cohort import add_cohort_arguments, cohort_from_args
 from cxr_fast.errors import CxrError, run_cli
-from cxr_fast.io import write_csv, write_json, write_parquet
+from cxr_fast.io import package_versions, write_csv, write_json, write_parquet
 from cxr_fast.tasks import TASKS
 
 VERSIONED_PACKAGES = ("cxr_fast", "numpy", "pandas", "pyarrow", "pillow", "pydicom")
@@ -81,16 +79,6 @@ def counts(frame: pd.DataFrame, exclusions: pd.DataFrame) -> dict:
     }
 
 
-def versions() -> dict:
-    found = {"python": platform.python_version()}
-    for package in VERSIONED_PACKAGES:
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = None
-    return found
-
-
 def recorded_arguments(args: argparse.Namespace) -> dict:
     # Paths as given, minus knobs that do not change the output and the output folder itself
     # (so a rerun, or the same run elsewhere, writes an identical meta.json).
@@ -105,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     write_parquet(out / "cohort.parquet", frame)
-    meta = {"source": cohort.source, "arguments": recorded_arguments(args), "versions": versions()}
+    meta = {"source": cohort.source, "arguments": recorded_arguments(args), "versions": package_versions(VERSIONED_PACKAGES)}
 
     if args.cohort_only:
         write_csv(out / "exclusions.csv", exclusions)

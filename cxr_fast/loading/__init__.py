@@ -48,15 +48,17 @@ def choose_loader(requested: str, *, n_images: int, settings: AugmentSettings, d
 
 
 def make_loader(kind: str, rows: pd.DataFrame, shards_dir: Path, settings: AugmentSettings, *,
-                device: torch.device, batch_size: int, seed: int = 0, threads: int = 0):
+                device: torch.device, batch_size: int, seed: int = 0, rank: int = 0, threads: int = 0):
     if kind == "resident":
         from cxr_fast.loading.resident import ResidentLoader
 
-        return ResidentLoader(rows, shards_dir, settings, device=device, batch_size=batch_size, seed=seed, threads=threads)
+        return ResidentLoader(rows, shards_dir, settings, device=device, batch_size=batch_size, seed=seed, rank=rank,
+                              threads=threads)
     if kind == "dali":
         if not dali_available():
             raise CxrError(DALI_INSTALL_HINT)
         from cxr_fast.loading.dali import DaliLoader
 
-        return DaliLoader(rows, shards_dir, settings, device=device, batch_size=batch_size, seed=seed, threads=threads)
+        return DaliLoader(rows, shards_dir, settings, device=device, batch_size=batch_size, seed=seed, rank=rank,
+                          threads=threads)
     raise CxrError(f"unknown loader {kind!r}; choose resident, dali or auto")

@@ -14,8 +14,11 @@ they do not depend on the device or on where a run was resumed. Two kernels shar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -63,9 +66,21 @@ class BatchParams:
     contrast: torch.Tensor    # multiplicative
     flip: torch.Tensor        # bool
 
+    def to(self, device: torch.device) -> "BatchParams":
+        """All parameters onto `device` in one copy (one small transfer per batch, not ten)."""
+        if device.type == "cpu":
+            return self
+        names = [field.name for field in dataclasses.fields(self)]
+        stacked = torch.stack([getattr(self, name).to(torch.float64) for name in names])
+        moved = stacked.pin_memory().to(device, non_blocking=True)
+        return BatchParams(**{name: moved[i].bool() if name == "flip" else moved[i] for i, name in enumerate(names)})
 
-def batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(hash((seed, epoch, batch)) & (2**63 - 1))
+
+def batch_generator(seed: int, epoch: int, batch: int, rank: int = 0) -> torch.Generator:
+    """The generator of one batch's draws: a pure function of (seed, epoch, batch, rank), so
+    resumed runs repeat them and every process of a distributed run draws its own."""
+    state = np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 
 def draw_params(settings: AugmentSettings, batch_size: int, generator: torch.Generator) -> BatchParams:
@@ -106,9 +121,11 @@ def eval_transform(images: torch.Tensor, settings: AugmentSettings) -> torch.Ten
 
 def train_transform(images: torch.Tensor, settings: AugmentSettings, params: BatchParams, *, mode: str) -> torch.Tensor:
     if mode == "affine":
+        params = params.to(images.device)
         out = _affine_crop(images, settings, params)
     elif mode == "crop":
-        out = _integer_crop(images, settings, params)
+        out = _integer_crop(images, settings, params)  # reads crop positions on the host
+        params = params.to(images.device)
     else:
         raise ValueError(f"unknown augmentation mode {mode!r}")
     return _jitter(out, params)

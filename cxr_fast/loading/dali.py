@@ -115,7 +115,7 @@ class DaliLoader:
     name = "dali"
 
     def __init__(self, rows: pd.DataFrame, shards_dir: Path, settings: AugmentSettings, *,
-                 device: torch.device, batch_size: int, seed: int = 0, threads: int = 0, prefetch: int = PREFETCH,
+                 device: torch.device, batch_size: int, seed: int = 0, rank: int = 0, threads: int = 0, prefetch: int = PREFETCH,
                  mode: str | None = None):
         self.settings = settings
         self.mode = mode or default_mode(torch.device(device))
@@ -126,6 +126,7 @@ class DaliLoader:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.batch_size = batch_size
         self.seed = seed
+        self.rank = rank  # augmentation draws differ per process
         self.threads = threads or os.cpu_count() or 1
         self.prefetch = max(1, prefetch)
         self.reader = ShardReader(rows, shards_dir)
@@ -151,7 +152,7 @@ class DaliLoader:
         def feeds():
             for number, start in enumerate(range(0, len(indices) - self.batch_size + 1, self.batch_size)):
                 chunk = indices[start:start + self.batch_size]
-                params = draw_params(settings, len(chunk), batch_generator(self.seed, epoch, number))
+                params = draw_params(settings, len(chunk), batch_generator(self.seed, epoch, number, self.rank))
                 if self.mode == "affine":
                     geometry = (list(warp_matrices(params, load_size=settings.load_size, image_size=settings.image_size)),)
                 else:

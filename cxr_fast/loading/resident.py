@@ -85,11 +85,12 @@ class ResidentLoader:
     name = "resident"
 
     def __init__(self, rows: pd.DataFrame, shards_dir: Path, settings: AugmentSettings, *,
-                 device: torch.device, batch_size: int, seed: int = 0, threads: int = 0, mode: str | None = None):
+                 device: torch.device, batch_size: int, seed: int = 0, rank: int = 0, threads: int = 0, mode: str | None = None):
         self.settings = settings
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.seed = seed
+        self.rank = rank  # augmentation draws differ per process
         self.mode = mode or default_mode(self.device)
         self.images = decode_to_square(read_payloads(rows, shards_dir), settings.load_size, self.device, threads)
 
@@ -101,7 +102,7 @@ class ResidentLoader:
         index = torch.as_tensor(indices, dtype=torch.long, device=self.device)
         for number, start in enumerate(range(0, len(index) - self.batch_size + 1, self.batch_size)):
             batch = self.images.index_select(0, index[start:start + self.batch_size])
-            params = draw_params(self.settings, len(batch), batch_generator(self.seed, epoch, number))
+            params = draw_params(self.settings, len(batch), batch_generator(self.seed, epoch, number, self.rank))
             yield train_transform(batch, self.settings, params, mode=self.mode)
 
     def eval_batches(self, indices: np.ndarray) -> Iterator[torch.Tensor]:
