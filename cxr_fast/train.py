@@ -408,9 +408,13 @@ def predict_probs(forward, model: torch.nn.Module, loader, indices: np.ndarray, 
     chunks = []
     with accelerator.autocast():
         for images in loader.eval_batches(indices):
+            count = images.shape[0]
+            # A short last batch would make a compiled model compile again: pad, then drop.
+            if count < loader.batch_size:
+                images = torch.cat([images, images[-1:].expand(loader.batch_size - count, *images.shape[1:])])
             if images.is_floating_point() and model_wants_channels_last(model):
                 images = images.contiguous(memory_format=torch.channels_last)
-            chunks.append(torch.sigmoid(forward(images).float().squeeze(1)))
+            chunks.append(torch.sigmoid(forward(images).float().squeeze(1))[:count])
     return torch.cat(chunks).cpu().numpy() if chunks else np.zeros(0, dtype=np.float32)
 
 

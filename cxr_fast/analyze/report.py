@@ -290,9 +290,13 @@ def summary(analysis: Analysis) -> dict:
 def write_report(*, analysis: Analysis, out: str | Path) -> Path:
     """Write every CSV, summary.json and index.html into `out`; return the index.html path."""
     out = Path(out)
+    # Everything that can fail (figures, the summary) is computed before the first file is
+    # replaced, so a failed run leaves the previous report whole.
+    page = render_html(analysis).encode("utf-8")
+    record = summary(analysis)
     for name, table in analysis.tables.items():
         write_csv(out / f"{name}.csv", table)
-    write_json(out / "summary.json", summary(analysis))
+    write_json(out / "summary.json", record)
     index = out / "index.html"
-    write_bytes(index, render_html(analysis).encode("utf-8"))
+    write_bytes(index, page)
     return index
