@@ -123,12 +123,28 @@ def save_best(model: torch.nn.Module, path: Path, record: dict) -> None:
     write_json(path / "best.json", record)
 
 
-def write_status(config: Config, state: "Progress", *, finished: bool) -> None:
+def write_status(config: Config, state: "Progress", *, finished: bool, stopped_early: bool) -> None:
     """`weights/<recipe>/status.json`: what the study runner reads to skip or resume a recipe."""
     write_json(config.weights_path / "status.json", {
         "recipe": config.recipe, "epoch": state.epoch, "epochs": config.epochs, "finished": finished,
-        "best_epoch": state.best_epoch, "best_balanced_accuracy": state.best_score,
+        "stopped_early": stopped_early, "best_epoch": state.best_epoch, "best_balanced_accuracy": state.best_score,
     })
+
+
+def finished_run(config: Config) -> "Progress | None":
+    """The progress of a run that needs no more epochs, read from status.json alone: a rerun
+    of a finished recipe returns before decoding any data or building the model."""
+    status_path, last_path = config.weights_path / "status.json", config.weights_path / "last.pt"
+    if not (status_path.is_file() and last_path.is_file()):
+        return None
+    try:
+        status = json.loads(status_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    done = status.get("finished") and (status.get("stopped_early") or status.get("epoch", 0) >= config.epochs)
+    if not done or status.get("recipe") != config.recipe:
+        return None
+    return Progress(epoch=status["epoch"], best_epoch=status["best_epoch"], best_score=status["best_balanced_accuracy"])
 
 
 @dataclass
@@ -222,6 +238,10 @@ def train(config: Config, *, progress_bar: bool = True) -> dict:
 
     accelerator = make_accelerator(config.precision, grad_accum=config.grad_accum)
     device = accelerator.device
+    done = finished_run(config)
+    if done is not None:
+        accelerator.print(f"{config.recipe}: already trained {done.epoch} epochs (best epoch {done.best_epoch}); nothing to do")
+        return summary(config, done, None)
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(config.seed)
@@ -310,7 +330,7 @@ def train(config: Config, *, progress_bar: bool = True) -> dict:
             accelerator.print(epoch_line(config, record))
             stop_early = stopped_early(state, config, accelerator)
             if accelerator.is_main_process:
-                write_status(config, state, finished=stop_early or state.epoch >= config.epochs)
+                write_status(config, state, finished=stop_early or state.epoch >= config.epochs, stopped_early=stop_early)
             if stop_early:
                 accelerator.print(f"{config.recipe}: early stop, no better val balanced accuracy for {config.early_stopping} epochs")
                 break
@@ -476,7 +496,7 @@ def epoch_line(config: Config, record: dict) -> str:
             f"{record['images_per_second']:.0f} img/s  data wait {record['data_wait_share']:.0%}")
 
 
-def summary(config: Config, state: Progress, loader: str) -> dict:
+def summary(config: Config, state: Progress, loader: str | None) -> dict:
     last = state.history[-1] if state.history else {}
     return {"recipe": config.recipe, "epochs": state.epoch, "best_epoch": state.best_epoch,
             "best_balanced_accuracy": state.best_score, "loader": loader,

@@ -115,7 +115,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(phanto
     assert last.read_bytes() == good
 
 
-def test_an_early_stopped_recipe_is_not_trained_again(phantom_shards, tmp_path):
+def test_an_early_stopped_recipe_is_not_trained_again(phantom_shards, tmp_path, monkeypatch):
     # A vanishing step cannot improve validation, so patience 1 stops after epoch 2 of 6.
     config = load_config(RECIPE, small(phantom_shards, tmp_path, epochs=6, early_stopping=1, lr=1e-12,
                                        max_steps_per_epoch=2))
@@ -124,6 +124,11 @@ def test_an_early_stopped_recipe_is_not_trained_again(phantom_shards, tmp_path):
     assert status["finished"] and status["epoch"] == 2
     last = tmp_path / "weights" / RECIPE / "last.pt"
     before = last.read_bytes()
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("a finished recipe decoded its data again")
+
+    monkeypatch.setattr("cxr_fast.train.load_task_data", no_data)
     assert train(config, progress_bar=False)["epochs"] == 2
     assert last.read_bytes() == before
 
