@@ -538,7 +538,7 @@ def bench_train(args: argparse.Namespace, argv: list[str]) -> dict:
     from cxr_fast.loading import choose_loader, make_loader
     from cxr_fast.loading.sampler import balanced_epoch
     from cxr_fast.recipes import load_config
-    from cxr_fast.train import compile_model, load_task_data, make_accelerator, prepare_model, train_step
+    from cxr_fast.train import compile_model, labelled_batches, load_task_data, make_accelerator, prepare_model, train_step
 
     if args.loader not in TRAIN_LOADERS:
         raise CxrError(f"unknown loader {args.loader!r}; choose from {', '.join(TRAIN_LOADERS)}")
@@ -588,9 +588,7 @@ def bench_train(args: argparse.Namespace, argv: list[str]) -> dict:
             epoch = 0
             while True:
                 indices = balanced_epoch(train_data.labels, seed=config.seed, epoch=epoch)
-                for number, images in enumerate(loader.train_batches(indices, epoch=epoch)):
-                    chosen = indices[number * batch_size:(number + 1) * batch_size]
-                    yield images, labels[torch.as_tensor(chosen, device=device)]
+                yield from labelled_batches(loader, indices, labels, epoch=epoch)
                 epoch += 1
 
         real_batches = batches()

@@ -240,8 +240,7 @@ def train(config: Config, *, progress_bar: bool = True) -> dict:
     device = accelerator.device
     done = finished_run(config)
     if done is not None:
-        accelerator.print(f"{config.recipe}: already trained {done.epoch} epochs (best epoch {done.best_epoch}); nothing to do")
-        return summary(config, done, None)
+        return nothing_to_do(config, done, None, accelerator)
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(config.seed)
@@ -262,9 +261,9 @@ def train(config: Config, *, progress_bar: bool = True) -> dict:
     last_path = config.weights_path / "last.pt"
     if last_path.is_file():
         state = resume(last_path, accelerator, model, optimizer, config)
+    # Also without status.json (a kill between writing last.pt and status.json).
     if state.epoch >= config.epochs or stopped_early(state, config):
-        accelerator.print(f"{config.recipe}: already trained {state.epoch} epochs (best epoch {state.best_epoch}); nothing to do")
-        return summary(config, state, kind)
+        return nothing_to_do(config, state, kind, accelerator)
 
     forward = compile_model(model, config, device)
     steps_per_epoch = steps_in_epoch(train_data, config, batch_size, accelerator.num_processes)
@@ -282,9 +281,6 @@ def train(config: Config, *, progress_bar: bool = True) -> dict:
                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
             if config.max_steps_per_epoch:
                 indices = indices[: config.max_steps_per_epoch * batch_size * config.grad_accum]
-            # One host->device copy per epoch: a per-batch copy from pageable memory would
-            # make the host wait for the GPU every step.
-            epoch_targets = labels_on_device[torch.as_tensor(indices, device=device)]
             model.train()
             started = time.perf_counter()
             waited = 0.0
@@ -293,12 +289,11 @@ def train(config: Config, *, progress_bar: bool = True) -> dict:
             loss_sum = torch.zeros((), device=device)
             bar = tqdm(total=len(indices) // batch_size, desc=f"{config.recipe} {epoch + 1}/{config.epochs}",
                        disable=not (progress_bar and accelerator.is_main_process), leave=False)
-            batches = loaders["train"].train_batches(indices, epoch=epoch)
+            batches = labelled_batches(loaders["train"], indices, labels_on_device, epoch=epoch)
             for batch_number in range(len(indices) // batch_size):
                 tick = time.perf_counter()
-                images = next(batches)
+                images, target = next(batches)
                 waited += time.perf_counter() - tick
-                target = epoch_targets[batch_number * batch_size:(batch_number + 1) * batch_size]
                 lr = lr_at(state.step, total_steps=total_steps, warmup_steps=warmup_steps,
                            base_lr=config.lr, min_lr_ratio=config.min_lr_ratio)
                 loss = train_step(images, target, lr, model=model, forward=forward, optimizer=optimizer,
@@ -337,6 +332,17 @@ def train(config: Config, *, progress_bar: bool = True) -> dict:
     finally:
         log.close()
     return summary(config, state, kind)
+
+
+def labelled_batches(loader, indices: np.ndarray, labels_on_device: torch.Tensor, *, epoch: int):
+    """(images, targets) for one epoch's index list: the training loop's data path.
+
+    The targets are gathered on the device in one copy per epoch: a per-batch copy from
+    pageable host memory would make the host wait for the GPU every step.
+    """
+    targets = labels_on_device[torch.as_tensor(indices, device=labels_on_device.device)]
+    for number, images in enumerate(loader.train_batches(indices, epoch=epoch)):
+        yield images, targets[number * loader.batch_size:(number + 1) * loader.batch_size]
 
 
 def prepare_model(config: Config, accelerator, image_size: int):
@@ -494,6 +500,11 @@ def epoch_line(config: Config, record: dict) -> str:
     return (f"{config.recipe} epoch {record['epoch']}/{config.epochs}: loss {record['train_loss']:.4f}  "
             f"val AUROC {auroc if auroc is None else f'{auroc:.3f}'}  bal.acc {record['val_balanced_accuracy']:.3f}  "
             f"{record['images_per_second']:.0f} img/s  data wait {record['data_wait_share']:.0%}")
+
+
+def nothing_to_do(config: Config, state: Progress, loader: str | None, accelerator) -> dict:
+    accelerator.print(f"{config.recipe}: already trained {state.epoch} epochs (best epoch {state.best_epoch}); nothing to do")
+    return summary(config, state, loader)
 
 
 def summary(config: Config, state: Progress, loader: str | None) -> dict:
