@@ -13,6 +13,8 @@ import pandas as pd
 
 from cxr_fast.errors import CxrError
 
+TEMPORARY_MARK = ".tmp-"  # atomic_path's temporaries: `.NAME.tmp-PID`
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -23,13 +25,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TEMPORARY_MARK}{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the `atomic_path` temporaries below `folder` left by other processes (a kill -9
+    mid-write); return how many. Call it only while holding the folder's lock: then no other
+    live process can be writing there."""
+    mine = f"{TEMPORARY_MARK}{os.getpid()}"
+    removed = 0
+    for path in Path(folder).rglob(f".*{TEMPORARY_MARK}*"):
+        if path.is_file() and not path.name.endswith(mine):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
