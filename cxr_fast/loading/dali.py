@@ -32,7 +32,6 @@ one is produced).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -43,6 +42,8 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from cxr_fast.loading.payloads import ShardReader
+from cxr_fast.loading.prefetch import Prefetched
+from cxr_fast.loading.workers import decode_threads
 from cxr_fast.loading.augment import (
     MEAN,
     STD,
@@ -127,7 +128,7 @@ class DaliLoader:
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank  # augmentation draws differ per process
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = decode_threads(threads)
         self.prefetch = max(1, prefetch)
         self.reader = ShardReader(rows, shards_dir)
         heights, widths = _image_sizes(rows, self.reader)
@@ -180,7 +181,8 @@ class DaliLoader:
     def _stream(self, mode: str, feeds: Iterator[tuple]) -> Iterator[torch.Tensor]:
         pipe = self._pipeline(mode)
         self._finish(mode)  # a previous pass abandoned half-way leaves batches in flight
-        self._feeds[mode] = feeds
+        # The reads and parameter draws run on a reader thread, ahead of the pipeline.
+        self._feeds[mode] = Prefetched(feeds, depth=self.prefetch + 1, name=f"dali-{mode}-reader")
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         self._running.add(mode)
         pipe.schedule_run()  # the first call fills the prefetch queue
@@ -200,6 +202,9 @@ class DaliLoader:
 
     def _finish(self, mode: str) -> None:
         """Drop whatever is still in flight and rewind the pipeline for the next pass."""
+        feed = self._feeds.get(mode)
+        if isinstance(feed, Prefetched):
+            feed.close()
         self._feeds[mode] = iter(())
         if mode not in self._running:
             return

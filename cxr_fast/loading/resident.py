@@ -7,7 +7,6 @@ decode, no worker processes, no host->device copies after start-up. MIMIC-CXR at
 
 from __future__ import annotations
 
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +26,7 @@ from cxr_fast.loading.augment import (
     train_transform,
 )
 from cxr_fast.loading.payloads import read_payloads
+from cxr_fast.loading.workers import decode_threads
 
 DECODE_CHUNK = 256
 # torchvision 0.29 warns on every decode that TorchCodec will take over image decoding; the
@@ -50,13 +50,25 @@ def decode_to_square(jpegs: list[bytes], load_size: int, device: torch.device, t
         for i, image in zip(chunk, images):
             out[i] = square_resize(image, load_size)
 
-    if device.type == "cuda":
-        for chunk in chunks:
-            fill(chunk)
-    else:
-        with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-            list(pool.map(fill, chunks))
+    run_chunks(fill, chunks, device, threads)
     return out
+
+
+def run_chunks(fill, chunks: list[range], device: torch.device, threads: int = 0) -> None:
+    """Call `fill` on every chunk: in order on CUDA, over a thread pool on a CPU."""
+    if device.type != "cuda":
+        with ThreadPoolExecutor(decode_threads(threads)) as pool:
+            list(pool.map(fill, chunks))
+        return
+    for chunk in chunks:
+        # nvJPEG decodes on its own stream and may reuse the previous chunk's buffers while
+        # this stream's resize kernels still read them: let those kernels finish first.
+        synchronize_stream(device)
+        fill(chunk)
+
+
+def synchronize_stream(device: torch.device) -> None:
+    torch.cuda.current_stream(device).synchronize()
 
 
 def _decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
