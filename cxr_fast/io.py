@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -32,6 +33,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder; if the block succeeds it replaces `path` whole
+    (the old folder is moved aside, the new one renamed in, the old one deleted), otherwise it
+    is deleted and `path` stays as it was. Readers see the old folder or the new one; a kill
+    between the two renames leaves `path` missing and the old one in `.NAME.old-PID`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TEMPORARY_MARK}{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old.exists():
+                os.replace(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:

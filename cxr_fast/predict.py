@@ -4,7 +4,7 @@ Also the original form `python -m cxr_fast.predict 1 convnext_large`. Loads
 `weights/R/best.safetensors` and the threshold chosen on validation (`best.json`) and writes
 `all_pred/R.parquet`, one row per labelled image of the split(s):
 key, dicom_id, subject_id, study_id, split, task, arch, recipe, label, prob, pred, threshold,
-sex, age, age_group, race.
+sex, age, age_group, race, view (AP/PA/...: an attribute of the subgroup analysis).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from cxr_fast.recipes import Config, load_config, parse_overrides, recipe_from_l
 from cxr_fast.train import compile_model, make_accelerator, predict_probs
 
 PREDICTION_COLUMNS = ("key", "dicom_id", "subject_id", "study_id", "split", "task", "arch", "recipe",
-                      "label", "prob", "pred", "threshold", "sex", "age", "age_group", "race")
+                      "label", "prob", "pred", "threshold", "sex", "age", "age_group", "race", "view")
 SPLIT_CHOICES = ("test", "val", "train", "all")
 
 
@@ -86,7 +86,7 @@ def prediction_table(rows: pd.DataFrame, probs: np.ndarray, *, config: Config, t
     table["prob"] = probs.astype("float32")
     table["pred"] = (probs >= threshold).astype("int8")
     table["threshold"] = np.float32(threshold)
-    for column in ("sex", "age", "age_group", "race"):
+    for column in ("sex", "age", "age_group", "race", "view"):
         table[column] = rows[column]
     return table[list(PREDICTION_COLUMNS)]
 

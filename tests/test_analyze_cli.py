@@ -17,7 +17,7 @@ from cxr_fast.analyze.__main__ import main
 from cxr_fast.errors import run_cli
 from pred_fixtures import simulate_predictions, write_frames, write_pred_dir
 
-TABLES = ("models", "subgroups", "consistency", "systematic", "systematic_images")
+TABLES = ("models", "subgroups", "consistency", "systematic", "systematic_images", "adjusted")
 
 
 def run_expecting_error(argv: list[str], capsys) -> str:
@@ -125,3 +125,57 @@ def test_tables_are_reproducible_with_the_same_seed(report):
     analysis = analyze(pred_dir=pred_dir, settings=Settings(n_bootstrap=20, seed=3))
     for table in TABLES:
         assert analysis.tables[table].to_csv(index=False) == (out / f"{table}.csv").read_text()
+
+
+def test_probabilities_outside_zero_one_are_refused(tmp_path, capsys):
+    frame = simulate_predictions(n_images=50, archs=("resnet50",))
+    frame.loc[3, "prob"] = 1.7
+    pred_dir = write_frames(tmp_path / "all_pred", {"effusion_resnet50": frame})
+    message = run_expecting_error(cli_args(pred_dir, tmp_path / "out"), capsys)
+    assert "effusion_resnet50.parquet" in message and "[0, 1]" in message and "1.7" in message
+
+
+def test_pred_that_contradicts_the_threshold_is_refused(tmp_path, capsys):
+    frame = simulate_predictions(n_images=50, archs=("resnet50",))
+    row = frame.index[frame["prob"] > 0.9][0]
+    frame.loc[row, "pred"] = 0  # prob > threshold 0.5, yet predicted negative
+    pred_dir = write_frames(tmp_path / "all_pred", {"effusion_resnet50": frame})
+    message = run_expecting_error(cli_args(pred_dir, tmp_path / "out"), capsys)
+    assert "effusion_resnet50.parquet" in message and "contradicts" in message and frame.loc[row, "key"] in message
+
+
+def test_files_without_view_are_read_with_view_unknown(tmp_path):
+    frame = simulate_predictions(n_images=80, archs=("resnet50", "densenet121"))
+    assert set(frame["view"]) == {"AP", "PA"}
+    pred_dir = write_frames(tmp_path / "all_pred", {r: rows.drop(columns="view") for r, rows in frame.groupby("recipe")})
+    analysis = analyze(pred_dir=pred_dir, settings=Settings(n_bootstrap=5))
+    views = analysis.tables["subgroups"].query("attribute == 'view'")["group"]
+    assert set(views) == {"Unknown"}
+
+
+def test_a_failure_midway_leaves_the_old_report_whole(report, tmp_path, monkeypatch):
+    pred_dir, out = report
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    analysis = analyze(pred_dir=pred_dir, settings=Settings(n_bootstrap=20, seed=99))  # other numbers than the report's
+    import cxr_fast.analyze.report as report_module
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report_module, "write_json", fail)  # after the CSVs, before index.html
+    with pytest.raises(OSError):
+        report_module.write_report(analysis=analysis, out=out)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert [path.name for path in out.parent.iterdir()] == [out.name]  # no temporary left beside it
+
+
+def test_the_report_does_not_replace_a_folder_that_is_not_a_report(report, tmp_path):
+    pred_dir, _ = report
+    (tmp_path / "mine.txt").write_text("keep me")
+    analysis = analyze(pred_dir=pred_dir, settings=Settings(n_bootstrap=5))
+    from cxr_fast.analyze.report import write_report
+    from cxr_fast.errors import CxrError
+
+    with pytest.raises(CxrError, match="not a previous report"):
+        write_report(analysis=analysis, out=tmp_path)
+    assert (tmp_path / "mine.txt").read_text() == "keep me"

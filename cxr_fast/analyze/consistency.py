@@ -18,10 +18,13 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from cxr_fast.analyze.bootstrap import percentile_interval, point_and_resamples
+from scipy import stats
+
+from cxr_fast.analyze.bootstrap import percentile_interval, point_and_resamples, wald_z
 from cxr_fast.analyze.groups import iter_groups
 from cxr_fast.analyze.inputs import task_data
 from cxr_fast.analyze.metrics import as_weight_matrix
+from cxr_fast.analyze.stats import benjamini_hochberg
 from cxr_fast.analyze.threads import blas_single_threaded
 
 DEGENERATE_NOTE = "both models always right (or both always wrong) here: c_exp = 1, kappa undefined (NaN)"
@@ -64,12 +67,19 @@ def error_consistency(
 
 
 @blas_single_threaded
-def consistency_table(*, predictions: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+def consistency_table(*, predictions: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95,
+                      min_count: int = 30, fdr: float = 0.05) -> pd.DataFrame:
     """Per task, kappa of every model pair and their mean (`kind` = pair / mean), on all test
     images (attribute "overall") and within every subgroup, with paired bootstrap CIs.
 
     The mean is over pairs with a defined kappa, recomputed in every resample for its CI.
     Tasks with a single model have no pairs and no rows.
+
+    Gap to overall (mean rows of groups): the group's mean kappa minus the task's, with a
+    paired bootstrap CI (same resamples). Test: one-sided, H0: models agree no more on whom
+    they fail in the group than overall, z = gap / bootstrap SE (`p_agree`); one
+    Benjamini-Hochberg family over every group with >= min_count positives and negatives, all
+    tasks. Flagged = q_value <= fdr and gap > 0: "models agree more on whom they fail here".
     """
     blocks = []
     for data in task_data(predictions):
@@ -77,32 +87,58 @@ def consistency_table(*, predictions: pd.DataFrame, n_bootstrap: int = 1000, see
             continue
         weights = point_and_resamples(subject_index=data.subject_index, n_resamples=n_bootstrap, seed=seed, task=data.task)
         scopes = [("overall", "all", np.arange(data.label.size))] + list(iter_groups(data.images))
+        overall_mean = None
         for attribute, group, positions in scopes:
-            block = _scope_rows(kappa_arrays(weights[:, positions], data.correct[:, positions]), data.archs, level)
+            arrays = kappa_arrays(weights[:, positions], data.correct[:, positions])
+            mean = _mean_kappa(arrays["kappa"])
+            overall_mean = mean if overall_mean is None else overall_mean
+            block = _scope_rows(arrays, mean, data.archs, level)
             rows = len(block["kind"])
             block.update({name: np.full(rows, value, dtype=object)
                           for name, value in (("task", data.task), ("attribute", attribute), ("group", group))})
             block["n"] = np.full(rows, positions.size)
             block["n_subjects"] = np.full(rows, np.unique(data.subject_index[positions]).size)
+            n_pos = int(data.label[positions].sum())
+            eligible = attribute != "overall" and min(n_pos, positions.size - n_pos) >= min_count
+            block.update(_gap_columns(mean - overall_mean, rows, eligible=eligible, level=level))
             blocks.append(block)
     if not blocks:
         return pd.DataFrame(columns=_COLUMNS)
     # One DataFrame at the end: building one per subgroup costs more than the arithmetic.
-    return pd.DataFrame({name: np.concatenate([block[name] for block in blocks]) for name in _COLUMNS})
+    table = pd.DataFrame({name: np.concatenate([block[name] for block in blocks]) for name in _COLUMNS[:-2]})
+    table["q_value"] = benjamini_hochberg(table["p_agree"].where(table["eligible"]).to_numpy(float))
+    table["flagged"] = table["eligible"] & (table["q_value"] <= fdr) & (table["gap_overall"] > 0)
+    return table
 
 
 _COLUMNS = ["task", "attribute", "group", "n", "n_subjects", "kind", "model_a", "model_b", "p_correct_a",
-            "p_correct_b", "c_obs", "c_exp", "kappa", "ci_low", "ci_high", "note"]
+            "p_correct_b", "c_obs", "c_exp", "kappa", "ci_low", "ci_high", "note",
+            "eligible", "gap_overall", "gap_ci_low", "gap_ci_high", "p_agree", "q_value", "flagged"]
 _TEXT = {"task", "attribute", "group", "kind", "model_a", "model_b", "note"}
 
 
-def _scope_rows(arrays: dict[str, np.ndarray], archs: tuple[str, ...], level: float) -> dict[str, np.ndarray]:
+def _mean_kappa(kappa: np.ndarray) -> np.ndarray:
+    """(R,) mean over the pairs with a defined kappa, per resample row."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # every pair undefined -> NaN mean
+        return np.nanmean(kappa, axis=1)
+
+
+def _gap_columns(gap: np.ndarray, rows: int, *, eligible: bool, level: float) -> dict[str, np.ndarray]:
+    """Gap-to-overall columns: filled on the mean row (the first), NaN on the pair rows."""
+    low, high = percentile_interval(gap[1:, None], level=level)
+    p_agree = stats.norm.sf(wald_z(gap[:1], gap[1:, None]))[0]
+    pad = np.full(rows - 1, np.nan)
+    return {"eligible": np.r_[[eligible], np.zeros(rows - 1, bool)],
+            "gap_overall": np.r_[gap[0], pad], "gap_ci_low": np.r_[low, pad], "gap_ci_high": np.r_[high, pad],
+            "p_agree": np.r_[p_agree, pad]}
+
+
+def _scope_rows(arrays: dict[str, np.ndarray], mean: np.ndarray, archs: tuple[str, ...], level: float
+                ) -> dict[str, np.ndarray]:
     """The mean row then one row per pair, as columns (estimate = resample row 0)."""
     first, second = _pairs(len(archs))
     kappa = arrays["kappa"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # every pair undefined -> NaN mean
-        mean = np.nanmean(kappa, axis=1)
     low, high = percentile_interval(np.column_stack([mean, kappa])[1:], level=level)
     n_defined = int(np.isfinite(kappa[0]).sum())
     mean_note = f"mean over {n_defined} of {kappa.shape[1]} pairs with a defined kappa" if n_defined < kappa.shape[1] else ""

@@ -10,15 +10,20 @@ import pandas as pd
 
 DEMOGRAPHICS: tuple[str, ...] = ("sex", "age_group", "race")
 
+# The acquisition attribute: AP films are mostly portable, inpatient, sicker patients, so view
+# confounds demographic comparisons (Unknown for files written before it was recorded).
+VIEW = "view"
+
 # Single attributes, then the two intersections the study reports (sex x race, sex x age).
 GROUPINGS: tuple[tuple[str, ...], ...] = (
-    ("sex",), ("age_group",), ("race",), ("sex", "race"), ("sex", "age_group"),
+    ("sex",), ("age_group",), ("race",), (VIEW,), ("sex", "race"), ("sex", "age_group"),
 )
 
 LEVEL_ORDER: dict[str, tuple[str, ...]] = {
     "sex": ("F", "M", "Unknown"),
     "age_group": ("0-20", "20-40", "40-60", "60-80", "80+", "Unknown"),
     "race": ("White", "Black", "Asian", "Hispanic/Latino", "Other", "Unknown"),
+    VIEW: ("PA", "AP", "Unknown"),
 }
 
 UNKNOWN = "Unknown"
@@ -32,7 +37,7 @@ def group_name(values: tuple[str, ...]) -> str:
     return " & ".join(values)
 
 
-def _ordered_levels(column: str, values: np.ndarray) -> list[str]:
+def ordered_levels(column: str, values: np.ndarray) -> list[str]:
     present = set(np.unique(values).tolist())
     known = [level for level in LEVEL_ORDER.get(column, ()) if level in present]
     # Values outside the documented vocabulary are still analysed, after the known ones.
@@ -45,7 +50,7 @@ def iter_groups(images: pd.DataFrame, *, groupings: tuple[tuple[str, ...], ...] 
     # Plain numpy string arrays: pandas' Arrow-backed strings are slow to iterate and compare.
     values = {column: images[column].to_numpy(dtype=str) for column in {c for g in groupings for c in g}}
     for columns in groupings:
-        levels = [_ordered_levels(column, values[column]) for column in columns]
+        levels = [ordered_levels(column, values[column]) for column in columns]
         for combination in itertools.product(*levels):
             member = np.logical_and.reduce([values[c] == level for c, level in zip(columns, combination)])
             if member.any():

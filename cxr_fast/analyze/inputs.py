@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr_fast.analyze.groups import DEMOGRAPHICS, UNKNOWN
+from cxr_fast.analyze.groups import DEMOGRAPHICS, UNKNOWN, VIEW
 from cxr_fast.errors import CxrError
 from cxr_fast.io import read_table
 
@@ -22,7 +22,9 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
 )
 # Carried into the image list when present; the analysis does not need them.
 OPTIONAL_COLUMNS: tuple[str, ...] = ("study_id", "age", "recipe", "threshold")
-IMAGE_COLUMNS: tuple[str, ...] = ("key", "dicom_id", "subject_id", "study_id", "label", "sex", "age", "age_group", "race")
+# Attributes that files written before they existed lack: read as Unknown.
+OPTIONAL_ATTRIBUTES: tuple[str, ...] = (VIEW,)
+IMAGE_COLUMNS: tuple[str, ...] = ("key", "dicom_id", "subject_id", "study_id", "label", "sex", "age", "age_group", "race", "view")
 
 
 def prediction_files(pred_dir: str | Path) -> list[Path]:
@@ -53,7 +55,10 @@ def read_prediction_file(path: Path, *, split: str) -> pd.DataFrame:
     if rows.empty:
         raise CxrError(f"{path}: every {split} row has a missing label")
     _check_values(path, rows)
-    for column in DEMOGRAPHICS:
+    for column in OPTIONAL_ATTRIBUTES:
+        if column not in rows:
+            rows[column] = UNKNOWN
+    for column in DEMOGRAPHICS + OPTIONAL_ATTRIBUTES:
         rows[column] = rows[column].fillna(UNKNOWN).astype(str)
     for column in OPTIONAL_COLUMNS:
         if column not in rows:
@@ -75,9 +80,34 @@ def _check_values(path: Path, rows: pd.DataFrame) -> None:
     bad_pred = ~rows["pred"].isin([0, 1])
     if bad_pred.any():
         raise CxrError(f"{path}: pred must be 0 or 1, found {rows.loc[bad_pred, 'pred'].iloc[0]!r}")
-    prob = pd.to_numeric(rows["prob"], errors="coerce")
+    prob = pd.to_numeric(rows["prob"], errors="coerce").to_numpy(float)
     if not np.isfinite(prob).all():
         raise CxrError(f"{path}: {int((~np.isfinite(prob)).sum())} {rows['split'].iloc[0]} row(s) have a missing or non-numeric prob")
+    outside = (prob < 0) | (prob > 1)
+    if outside.any():
+        raise CxrError(f"{path}: prob must be in [0, 1], found {prob[outside][0]!r} ({int(outside.sum())} row(s))")
+    if "threshold" in rows:
+        _check_pred_matches_threshold(path, rows, prob)
+
+
+# Probabilities and thresholds are stored as float32: a prob within this of the threshold may
+# round to either side, so only a clear contradiction is refused.
+THRESHOLD_TOLERANCE = 1e-6
+
+
+def _check_pred_matches_threshold(path: Path, rows: pd.DataFrame, prob: np.ndarray) -> None:
+    """pred must be prob >= threshold: a file whose pred says otherwise was edited or mixed up,
+    and the FNR/FPR of `pred` would not describe the model at that threshold."""
+    threshold = pd.to_numeric(rows["threshold"], errors="coerce").to_numpy(float)
+    pred = rows["pred"].to_numpy(float) == 1
+    known = np.isfinite(threshold)
+    contradicts = known & ((pred & (prob < threshold - THRESHOLD_TOLERANCE))
+                           | (~pred & (prob >= threshold + THRESHOLD_TOLERANCE)))
+    if contradicts.any():
+        first = np.flatnonzero(contradicts)[0]
+        raise CxrError(f"{path}: pred contradicts prob >= threshold in {int(contradicts.sum())} row(s), e.g. key "
+                       f"{rows['key'].iloc[first]!r}: prob {prob[first]:.6g}, threshold {threshold[first]:.6g}, "
+                       f"pred {int(pred[first])}")
 
 
 def check_shared_images(predictions: pd.DataFrame) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cxr_fast.analyze.adjusted import adjusted_table
 from cxr_fast.analyze.consistency import consistency_table
 from cxr_fast.analyze.inputs import load_predictions
 from cxr_fast.analyze.performance import FLAG_METRICS, model_table, subgroup_table
@@ -56,8 +57,8 @@ class Analysis:
 DEFINITIONS = {
     "subgroup_family": (
         "One Benjamini-Hochberg family for the whole subgroup table: every gap-to-overall test of "
-        f"{', '.join(FLAG_METRICS)} over all tasks, models, attributes (sex, age_group, race, sex x race, "
-        "sex x age_group) and groups with >= min_count positives and >= min_count negatives. "
+        f"{', '.join(FLAG_METRICS)} over all tasks, models, attributes (sex, age_group, race, view, "
+        "sex x race, sex x age_group) and groups with >= min_count positives and >= min_count negatives. "
         "Test: one-sided (H0: the group is served no worse than overall), z = gap / bootstrap standard error "
         "(p_harm); p_gap_overall is the two-sided version, matching the CI. Flagged = q_value <= fdr, i.e. "
         "FNR/FPR significantly higher or balanced accuracy/AUROC significantly lower than overall."
@@ -78,6 +79,18 @@ DEFINITIONS = {
         "(c_obs - c_exp) / (1 - c_exp), c_exp = p1 p2 + (1 - p1)(1 - p2); NaN when c_exp = 1 "
         "(both models always right, or both always wrong)."
     ),
+    "adjusted": (
+        "Adjusted odds ratios: per task and error kind, one logistic regression of misclassified (systematically, "
+        "or by each model) on sex, age group, race and view together plus sex x race and sex x age interactions "
+        "where the data support them; reference = each attribute's largest level; standard errors clustered by "
+        "patient; Wald p, one Benjamini-Hochberg family per (scope, task, error kind). Flagged = q <= fdr and "
+        "adjusted OR > 1. The univariate OR (group vs rest, Fisher p) of the same images stands beside it."
+    ),
+    "kappa_gap": (
+        "Group mean kappa minus the task's overall mean kappa, paired bootstrap CI; one-sided test (H0: models "
+        "agree no more on whom they fail in the group), one Benjamini-Hochberg family over groups with >= "
+        "min_count positives and negatives. Flagged = q <= fdr and gap > 0."
+    ),
     "systematic": "An image is systematically misclassified when share of models wrong >= systematic_threshold.",
     "undefined": "AUROC and balanced accuracy are NaN for a group with one class only; PPV/NPV NaN with no predicted positives/negatives.",
 }
@@ -92,13 +105,15 @@ def analyze(*, pred_dir: str | Path, settings: Settings = Settings()) -> Analysi
     tables = {
         "models": model_table(predictions=predictions, **common),
         "subgroups": subgroup_table(predictions=predictions, min_count=settings.min_count, fdr=settings.fdr, **common),
-        "consistency": consistency_table(predictions=predictions, **common),
+        "consistency": consistency_table(predictions=predictions, min_count=settings.min_count, fdr=settings.fdr, **common),
         "systematic": systematic_table(predictions=predictions, threshold=settings.systematic_threshold,
                                        min_count=settings.min_count, fdr=settings.fdr, level=settings.ci_level),
         "systematic_images": systematic_images(predictions=predictions, threshold=settings.systematic_threshold),
+        "adjusted": adjusted_table(predictions=predictions, threshold=settings.systematic_threshold,
+                                   min_count=settings.min_count, fdr=settings.fdr, level=settings.ci_level),
     }
     return Analysis(settings=settings, pred_dir=Path(pred_dir), predictions=predictions, tables=tables)
 
 
 def versions() -> dict[str, str | None]:
-    return package_versions(("cxr_fast", "numpy", "pandas", "scipy", "matplotlib"))
+    return package_versions(("cxr_fast", "numpy", "pandas", "scipy", "statsmodels", "matplotlib"))

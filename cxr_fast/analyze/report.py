@@ -1,7 +1,7 @@
 """Write the analysis: index.html (one self-contained file), summary.json and one CSV per table.
 
-Every file goes through cxr_fast.io's atomic writers, so a crashed run leaves either the old
-report or none, never half of one.
+The folder is built beside `out` and swapped in whole (cxr_fast.io.atomic_folder), so a crashed
+run leaves the old report, never half of one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from cxr_fast.analyze.groups import DEMOGRAPHICS, group_sort_key
 from cxr_fast.analyze.inputs import task_data
 from cxr_fast.analyze.metrics import MODEL_METRICS
 from cxr_fast.analyze.pipeline import DEFINITIONS, Analysis, versions
-from cxr_fast.io import write_bytes, write_csv, write_json
+from cxr_fast.errors import CxrError
+from cxr_fast.io import atomic_folder, write_bytes, write_csv, write_json
 
 METRIC_LABELS = {
     "prevalence": "prevalence", "auroc": "AUROC", "balanced_accuracy": "balanced accuracy",
@@ -50,6 +51,15 @@ def _number(value, digits: int = 3) -> str:
     if isinstance(value, (float, np.floating)):
         return f"{value:.2e}" if 0 < abs(value) < 10 ** -digits else f"{value:.{digits}f}"
     return html.escape(str(value))
+
+
+# Below this a q-value has underflowed (to 0 or a subnormal): print a bound, not "q <= 0".
+SMALLEST_Q = 1e-300
+
+
+def format_q(q: float) -> str:
+    """`q <= 0.0012`, or `q < 1e-300` for a q-value that underflowed."""
+    return f"q < {SMALLEST_Q:g}" if q < SMALLEST_Q else f"q <= {q:.2g}"
 
 
 def _with_ci(value, low, high) -> str:
@@ -132,7 +142,7 @@ def _systematic_headlines(systematic: pd.DataFrame, *, threshold: float) -> list
         lines.append(f"{attribute} = {group} is over-represented among {kind} in {len(rows)} of {n_tasks} task(s) "
                      f"({', '.join(sorted(rows['task']))}): {_span(rows['share_of_systematic'], '{:.0%}')} of them vs "
                      f"{_span(rows['share_of_class'], '{:.0%}')} of all {base} (odds ratio {_span(rows['odds_ratio'], '{:.1f}')}, "
-                     f"q <= {rows['q_value'].max():.2g}).")
+                     f"{format_q(rows['q_value'].max())}).")
     return lines
 
 
@@ -211,6 +221,13 @@ def _consistency_section(consistency: pd.DataFrame, kappa_uri: str | None, mean_
     wide = means.assign(cell=[_with_ci(*v) for v in zip(means["kappa"], means["ci_low"], means["ci_high"])])
     wide = wide.pivot_table(index=["attribute", "group"], columns="task", values="cell", aggfunc="first")
     wide = wide.reindex(sorted(wide.index, key=lambda ag: (-1,) if ag[0] == "overall" else group_sort_key(*ag))).reset_index()
+    gaps = means[means["eligible"].astype(bool)].sort_values(["flagged", "q_value"], ascending=[False, True], kind="stable")
+    gaps = gaps[gaps["flagged"].astype(bool)]
+    gap_table = pd.DataFrame({
+        "task": gaps["task"], "attribute": gaps["attribute"], "group": gaps["group"], "n": gaps["n"], "kappa": gaps["kappa"],
+        "gap to overall [95% CI]": [_with_ci(*v) for v in zip(gaps["gap_overall"], gaps["gap_ci_low"], gaps["gap_ci_high"])],
+        "p (1-sided)": gaps["p_agree"], "q": gaps["q_value"], "flagged": gaps["flagged"],
+    })
     pairs = consistency[(consistency["kind"] == "pair") & (consistency["attribute"] == "overall")]
     pair_table = pairs[["task", "model_a", "model_b", "n", "p_correct_a", "p_correct_b", "c_obs", "c_exp", "kappa", "ci_low", "ci_high", "note"]]
     return ("<h2>Error consistency</h2>"
@@ -218,6 +235,9 @@ def _consistency_section(consistency: pd.DataFrame, kappa_uri: str | None, mean_
             + (_figure(kappa_uri, "pairwise kappa heatmaps") if kappa_uri else "")
             + (_figure(mean_uri, "mean kappa per group and task") if mean_uri else "")
             + "<h3>Mean kappa over model pairs [95% CI]</h3>" + _table(wide, left=("attribute", "group") + tuple(wide.columns))
+            + f"<h3>Groups whose errors models share more than overall</h3><p>{DEFINITIONS['kappa_gap']}</p>"
+            + (_table(gap_table, flag_column="flagged", left=("task", "attribute", "group", "gap to overall [95% CI]"))
+               if len(gap_table) else "<p>None.</p>")
             + "<details><summary>Every model pair on all test images</summary>"
             + _table(pair_table, left=("task", "model_a", "model_b", "note")) + "</details>")
 
@@ -236,6 +256,39 @@ def _systematic_section(systematic: pd.DataFrame, images: pd.DataFrame, composit
             + f"<h3>Most consistently misclassified images (top {TOP_IMAGES} per task; all in systematic_images.csv)</h3>"
             + (_table(top.reset_index(drop=True), left=("task", "key", "dicom_id", "subject_id", "study_id", "error", "sex", "age_group", "race"))
                if len(top) else "<p>No image reaches the threshold.</p>"))
+
+
+def _adjusted_display(adjusted: pd.DataFrame) -> pd.DataFrame:
+    """One row per (task, error, group) flagged by either analysis: the systematic-error
+    regression beside the univariate OR, and how many models' own errors flag the group."""
+    per_model = adjusted[adjusted["scope"] == "model"].groupby(["task", "error", "attribute", "group"], sort=False).agg(
+        n_models=("model", "nunique"), adjusted_flags=("flagged", "sum"), univariate_flags=("univariate_flagged", "sum"))
+    systematic = adjusted[adjusted["scope"] == "systematic"].set_index(["task", "error", "attribute", "group"])
+    both = per_model.join(systematic, how="outer")
+    either = (both["flagged"].fillna(False).astype(bool) | both["univariate_flagged"].fillna(False).astype(bool)
+              | (both["adjusted_flags"] > 0) | (both["univariate_flags"] > 0))
+    rows = both[either].reset_index()
+    return pd.DataFrame({
+        "task": rows["task"], "error": rows["error"], "attribute": rows["attribute"], "group": rows["group"],
+        "reference": rows["reference"],
+        "adjusted OR [95% CI]": [_with_ci(*v) for v in zip(rows["odds_ratio"], rows["ci_low"], rows["ci_high"])],
+        "q": rows["q_value"],
+        "univariate OR [95% CI]": [_with_ci(*v) for v in zip(rows["univariate_or"], rows["univariate_ci_low"], rows["univariate_ci_high"])],
+        "q (univariate)": rows["univariate_q"],
+        "models flagged: adjusted": [f"{a:.0f} of {n:.0f}" for a, n in zip(rows["adjusted_flags"], rows["n_models"])],
+        "univariate": [f"{u:.0f} of {n:.0f}" for u, n in zip(rows["univariate_flags"], rows["n_models"])],
+        "flagged": rows["flagged"].fillna(False).astype(bool), "note": rows["note"],
+    })
+
+
+def _adjusted_section(adjusted: pd.DataFrame) -> str:
+    shown = _adjusted_display(adjusted)
+    return ("<h2>Adjusted for the other attributes</h2>"
+            f"<p>{DEFINITIONS['adjusted']} Shown: groups flagged by either analysis, for systematic errors or for "
+            "any model's own errors (every term in adjusted.csv).</p>"
+            + (_table(shown, flag_column="flagged", left=("task", "error", "attribute", "group", "reference", "adjusted OR [95% CI]",
+                                                         "univariate OR [95% CI]", "models flagged: adjusted", "univariate", "note"))
+               if len(shown) else "<p>No group is flagged by either analysis.</p>"))
 
 
 def render_html(analysis: Analysis) -> str:
@@ -261,6 +314,7 @@ def render_html(analysis: Analysis) -> str:
         _subgroups_section(tables["subgroups"], forest_uris),
         _consistency_section(consistency, kappa_uri, mean_uri),
         _systematic_section(tables["systematic"], tables["systematic_images"], composition_uris, settings.systematic_threshold),
+        _adjusted_section(tables["adjusted"]),
         "<h2>Inputs</h2>", _table(inputs, left=("file", "task", "arch", "recipe")),
         f"<p class=note>{html.escape(', '.join(f'{k} {v}' for k, v in versions().items()))}</p>",
     ])
@@ -287,16 +341,31 @@ def summary(analysis: Analysis) -> dict:
     }
 
 
+REPORT_MARKER = "summary.json"  # what makes an existing folder a report that may be replaced
+
+
 def write_report(*, analysis: Analysis, out: str | Path) -> Path:
-    """Write every CSV, summary.json and index.html into `out`; return the index.html path."""
+    """Write every CSV, summary.json and index.html into `out`; return the index.html path.
+
+    The report is built in a temporary sibling folder and swapped in whole: a failure midway
+    leaves the previous report untouched, never new CSVs beside an old index.html. `out` is
+    the report's own folder: an existing one is replaced only if it holds a report (or
+    nothing), so a mistyped `--out .` cannot delete unrelated files."""
     out = Path(out)
-    # Everything that can fail (figures, the summary) is computed before the first file is
-    # replaced, so a failed run leaves the previous report whole.
+    _check_replaceable(out)
     page = render_html(analysis).encode("utf-8")
     record = summary(analysis)
-    for name, table in analysis.tables.items():
-        write_csv(out / f"{name}.csv", table)
-    write_json(out / "summary.json", record)
-    index = out / "index.html"
-    write_bytes(index, page)
-    return index
+    with atomic_folder(out) as folder:
+        for name, table in analysis.tables.items():
+            write_csv(folder / f"{name}.csv", table)
+        write_json(folder / REPORT_MARKER, record)
+        write_bytes(folder / "index.html", page)
+    return out / "index.html"
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise CxrError(f"{out}: --out must be a folder for the report, this is a file")
+    if out.is_dir() and any(out.iterdir()) and not (out / REPORT_MARKER).is_file():
+        raise CxrError(f"{out}: not empty and not a previous report (no {REPORT_MARKER}); the report replaces "
+                       "its folder whole, so give a new or empty folder")

@@ -7,7 +7,13 @@ The generative story, so that results are predictable:
   this is what makes errors consistent across models (kappa > 0) and creates systematic
   errors even when no group is treated differently;
 - `planted` lowers the score of one group's positives for a share of the models: a group
-  whose positives are systematically missed, which the analysis must find.
+  whose positives are systematically missed, which the analysis must find (the group may be
+  an intersection, e.g. attribute "sex x race", group "F & Black");
+- `agreement` makes one group's images harder or easier by the same amount for every model
+  (more image-level hardness, less model noise): its errors coincide across models (higher
+  kappa) without a planted miss;
+- `view` (AP/PA) is drawn per image from its own random stream, independently of the rest,
+  so adding it left every other simulated value of a seed unchanged.
 """
 
 from __future__ import annotations
@@ -35,6 +41,26 @@ class PlantedMiss:
     group: str = "Black"
     shift: float = 3.0
     share_of_models: float = 1.0
+
+
+@dataclass(frozen=True)
+class PlantedAgreement:
+    """Images of `attribute == group`: hardness scaled by `hardness_scale`, model noise by
+    `noise_scale`, so that every model errs on the same images of the group."""
+
+    attribute: str = "race"
+    group: str = "Asian"
+    hardness_scale: float = 2.5
+    noise_scale: float = 0.1
+
+
+P_AP = 0.55  # frontal films that are AP (portable), as in the phantom
+
+
+def _members(images: pd.DataFrame, attribute: str, group: str) -> np.ndarray:
+    """Rows in `group` of `attribute` ("race" / "Black", or "sex x race" / "F & Black")."""
+    columns, levels = attribute.split(" x "), group.split(" & ")
+    return np.logical_and.reduce([images[c].to_numpy() == level for c, level in zip(columns, levels)])
 
 
 def _quota_draw(rng: np.random.Generator, n: int, probabilities: dict[str, float]) -> np.ndarray:
@@ -79,11 +105,15 @@ def _images(rng: np.random.Generator, n_images: int, images_per_subject: float, 
     return images
 
 
+def _views(seed: int, n: int) -> np.ndarray:
+    return np.where(np.random.default_rng([seed, 1]).random(n) < P_AP, "AP", "PA")
+
+
 def simulate_predictions(
     *, tasks: tuple[str, ...] = ("effusion",), archs: tuple[str, ...] = ("resnet50", "densenet121", "convnext_tiny"),
     n_images: int = 800, n_val_images: int = 0, images_per_subject: float = 1.6, prevalence: float = 0.35,
     signal: float = 1.6, hardness: float = 1.0, noise: float = 0.8, missing_label_rate: float = 0.0,
-    planted: PlantedMiss | None = None, seed: int = 0,
+    planted: PlantedMiss | None = None, agreement: PlantedAgreement | None = None, seed: int = 0,
 ) -> pd.DataFrame:
     """All models' predictions stacked (one row per model x image), in the prediction schema."""
     rng = np.random.default_rng(seed)
@@ -91,20 +121,24 @@ def simulate_predictions(
         _images(rng, n_images, images_per_subject, "test", first=0),
         _images(rng, n_val_images, images_per_subject, "val", first=n_images) if n_val_images else None,
     ], ignore_index=True)
+    images["view"] = _views(seed, len(images))
+    agreeing = _members(images, agreement.attribute, agreement.group) if agreement else np.zeros(len(images), bool)
+    hardness_scale = np.where(agreeing, agreement.hardness_scale if agreement else 1.0, 1.0)
+    noise_scale = np.where(agreeing, agreement.noise_scale if agreement else 1.0, 1.0)
     frames = []
     for task in tasks:
         logit = np.log(prevalence / (1 - prevalence)) + 0.8 * images["subject_latent"].to_numpy()
         label = (rng.random(len(images)) < 1 / (1 + np.exp(-logit))).astype(float)
         sign = 2 * label - 1
-        image_hardness = hardness * rng.normal(size=len(images))
+        image_hardness = hardness * rng.normal(size=len(images)) * hardness_scale
         planted_positive = (
-            (images[planted.attribute].to_numpy() == planted.group) & (label == 1) if planted else np.zeros(len(images), bool)
+            _members(images, planted.attribute, planted.group) & (label == 1) if planted else np.zeros(len(images), bool)
         )
         label[rng.random(len(images)) < missing_label_rate] = np.nan
         n_planted_models = int(np.ceil(planted.share_of_models * len(archs))) if planted else 0
         for m, arch in enumerate(archs):
             model_signal = signal * (1 + 0.3 * m / max(1, len(archs) - 1))  # archs differ a little in skill
-            score = sign * (model_signal - image_hardness) + noise * rng.normal(size=len(images))
+            score = sign * (model_signal - image_hardness) + noise * noise_scale * rng.normal(size=len(images))
             if m < n_planted_models:
                 score = score - planted.shift * planted_positive
             prob = 1 / (1 + np.exp(-score))
@@ -113,7 +147,7 @@ def simulate_predictions(
                 pred=(prob >= 0.5).astype(int), threshold=0.5,
             ))
     columns = ["key", "dicom_id", "subject_id", "study_id", "split", "task", "arch", "recipe", "label", "prob",
-               "pred", "threshold", "sex", "age", "age_group", "race"]
+               "pred", "threshold", "sex", "age", "age_group", "race", "view"]
     return pd.concat(frames, ignore_index=True)[columns]
 
 

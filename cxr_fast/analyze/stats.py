@@ -1,21 +1,20 @@
-"""Multiple-testing correction and 2x2 odds ratios."""
+"""Multiple-testing correction and 2x2 odds ratios (statsmodels does the arithmetic)."""
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import stats
+from statsmodels.stats.contingency_tables import Table2x2
+from statsmodels.stats.multitest import multipletests
 
 
 def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
     """BH-adjusted q-values; NaN p-values stay NaN and are not counted in the family size."""
     p_values = np.asarray(p_values, dtype=float)
     q_values = np.full(p_values.shape, np.nan)
-    tested = np.flatnonzero(np.isfinite(p_values))
-    if tested.size == 0:
-        return q_values
-    order = tested[np.argsort(p_values[tested], kind="stable")]
-    ranked = p_values[order] * tested.size / np.arange(1, tested.size + 1)
-    q_values[order] = np.minimum(np.minimum.accumulate(ranked[::-1])[::-1], 1.0)
+    tested = np.isfinite(p_values)
+    if tested.any():
+        q_values[tested] = multipletests(p_values[tested], method="fdr_bh")[1]
     return q_values
 
 
@@ -24,11 +23,11 @@ def odds_ratio_woolf(a: float, b: float, c: float, d: float, *, level: float = 0
 
     Table: rows group / rest, columns event / no event.
     """
-    if min(a, b, c, d) == 0:
-        a, b, c, d = a + 0.5, b + 0.5, c + 0.5, d + 0.5
-    log_or = np.log(a * d / (b * c))
-    half_width = stats.norm.ppf(0.5 + level / 2) * np.sqrt(1 / a + 1 / b + 1 / c + 1 / d)
-    return float(np.exp(log_or)), float(np.exp(log_or - half_width)), float(np.exp(log_or + half_width))
+    cells = np.array([[a, b], [c, d]], dtype=float)
+    # Haldane-Anscombe by hand: Table2x2(shift_zeros=True) replaces only the zero cells by 0.5.
+    table = Table2x2(cells + 0.5 if cells.min() == 0 else cells)
+    low, high = table.oddsratio_confint(alpha=1 - level)
+    return float(table.oddsratio), float(low), float(high)
 
 
 def fisher_p_value(a: int, b: int, c: int, d: int) -> float:

@@ -31,7 +31,7 @@ def _share_wrong(data: TaskData) -> np.ndarray:
     return (~data.correct).mean(axis=0)
 
 
-def _is_systematic(data: TaskData, threshold: float) -> np.ndarray:
+def is_systematic(data: TaskData, threshold: float) -> np.ndarray:
     # The tolerance keeps 4 of 5 models (0.8 in floating point) systematic at threshold 0.8.
     return _share_wrong(data) >= threshold - 1e-9
 
@@ -48,7 +48,7 @@ def systematic_images(*, predictions: pd.DataFrame, threshold: float = 0.8) -> p
             n_models=len(data.archs), n_wrong=(~data.correct).sum(axis=0), share_wrong=share,
             mean_prob=mean_prob, confidence_wrong=np.abs(mean_prob - data.label),
         )
-        frames.append(frame[_is_systematic(data, threshold)])
+        frames.append(frame[is_systematic(data, threshold)])
     columns = ["task", "key", "dicom_id", "subject_id", "study_id", "label", "error", "n_models", "n_wrong",
                "share_wrong", "mean_prob", "sex", "age", "age_group", "race"]
     table = pd.concat(frames, ignore_index=True)
@@ -70,7 +70,7 @@ def systematic_table(
     """
     rows = []
     for data in task_data(predictions):
-        systematic = _is_systematic(data, threshold)
+        systematic = is_systematic(data, threshold)
         for error, on_label in ERRORS.items():
             in_class = data.label == on_label
             hit = systematic & in_class
