@@ -40,7 +40,7 @@ def direct_metrics(rows: pd.DataFrame) -> dict[str, float]:
 
 def expected_subgroups(predictions: pd.DataFrame) -> pd.DataFrame:
     records = []
-    for columns in (["sex"], ["age_group"], ["race"], ["sex", "race"], ["sex", "age_group"]):
+    for columns in (["sex"], ["age_group"], ["race"], ["view"], ["sex", "race"], ["sex", "age_group"]):
         for (task, arch, *values), rows in predictions.groupby(["task", "arch", *columns]):
             metrics = direct_metrics(rows)
             records += [{"task": task, "arch": arch, "attribute": " x ".join(columns), "group": " & ".join(values),
