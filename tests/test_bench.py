@@ -6,13 +6,18 @@ No timing is asserted: the numbers depend on the machine and its load.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from cxr_fast import bench
+from cxr_fast.bench.__main__ import main
+from cxr_fast.bench.data import LOADERS
+from cxr_fast.bench.records import DataResult, SuiteResult, TrainResult, read_record
+from cxr_fast.bench.report import END, markdown_block, update_markdown
+from cxr_fast.bench.suite import target_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +32,7 @@ def data_result(phantom_shards, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "data.json"
     argv = ["data", "--shards", str(phantom_shards), "--image-size", "32", "--batch-size", "8", "--repeats", "2",
             "--seconds", "0.1", "--warmup", "1", "--workers", "1", "--json", str(out)]
-    assert bench.main(argv) == 0
+    assert main(argv) == 0
     return json.loads(out.read_text())
 
 
@@ -37,7 +42,7 @@ def train_result(phantom_shards, tmp_path_factory) -> dict:
     argv = ["train", "--arch", "test_resnet", "--loader", "resident", "--image-size", "32", "--batch-size", "8",
             "--steps", "2", "--repeats", "2", "--warmup", "1", "--precision", "fp32", "--shards", str(phantom_shards),
             "--json", str(out)]
-    assert bench.main(argv) == 0
+    assert main(argv) == 0
     return json.loads(out.read_text())
 
 
@@ -46,7 +51,7 @@ def test_data_bench_measures_every_loader(data_result):
     assert data_result["command"].startswith("python -m cxr_fast.bench data ")
     machine = data_result["machine"]
     assert machine["cpu"] and machine["usable_cores"] >= 1 and machine["libraries"]["torch"]
-    assert set(data_result["loaders"]) == set(bench.LOADERS)
+    assert set(data_result["loaders"]) == set(LOADERS)
     for name, entry in data_result["loaders"].items():
         assert entry["command"].endswith(f"--loaders {name}")
         if entry["status"] == "skipped":  # only when its library is missing
@@ -66,7 +71,7 @@ def test_missing_libraries_are_skipped_with_a_message(phantom_shards, monkeypatc
     monkeypatch.setattr(loading, "dali_available", lambda: False)
     monkeypatch.setitem(sys.modules, "webdataset", None)  # import fails as if not installed
     out = tmp_path / "data.json"
-    assert bench.main(["data", "--shards", str(phantom_shards), "--image-size", "32", "--batch-size", "8",
+    assert main(["data", "--shards", str(phantom_shards), "--image-size", "32", "--batch-size", "8",
                        "--repeats", "1", "--seconds", "0.1", "--warmup", "1", "--no-ceiling",
                        "--loaders", "wds,dali-stock,dali,resident", "--json", str(out)]) == 0
     loaders = json.loads(out.read_text())["loaders"]
@@ -79,7 +84,7 @@ def test_unknown_loader_is_an_error(phantom_shards):
     from cxr_fast.errors import CxrError
 
     with pytest.raises(CxrError, match="unknown loader"):
-        bench.main(["data", "--shards", str(phantom_shards), "--loaders", "resident,fast"])
+        main(["data", "--shards", str(phantom_shards), "--loaders", "resident,fast"])
 
 
 def test_train_bench_real_and_synthetic(train_result):
@@ -94,7 +99,7 @@ def test_train_bench_real_and_synthetic(train_result):
 
 def test_train_bench_synthetic_only_needs_no_shards(tmp_path):
     out = tmp_path / "synthetic.json"
-    assert bench.main(["train", "--arch", "test_convnext", "--loader", "synthetic", "--image-size", "32",
+    assert main(["train", "--arch", "test_convnext", "--loader", "synthetic", "--image-size", "32",
                        "--batch-size", "4", "--steps", "1", "--repeats", "1", "--warmup", "1", "--precision", "fp32",
                        "--no-channels-last", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -103,30 +108,67 @@ def test_train_bench_synthetic_only_needs_no_shards(tmp_path):
 
 
 def test_suite_report_and_markdown(data_result, train_result, tmp_path):
-    results = {"kind": "suite", "command": "python -m cxr_fast.bench suite", "date": data_result["date"],
-               "machine": data_result["machine"], "data": data_result, "train": [train_result], "wall_seconds": 1.0}
-    results["targets"] = bench.target_report(results)
-    assert any("training efficiency" in item["target"] for item in results["targets"])
+    data, train = DataResult.from_json(data_result), TrainResult.from_json(train_result)
+    results = SuiteResult(command="python -m cxr_fast.bench suite", date=data.date, machine=data.machine, data=data,
+                          train=[train], wall_seconds=1.0)
+    results.targets = target_report(results)
+    assert any("training efficiency" in item.target for item in results.targets)
     markdown = tmp_path / "BENCHMARKS.md"
     markdown.write_text("# Benchmarks\n\nhand-written analysis stays.\n")
-    bench.update_markdown(markdown, results, tmp_path / "x.json")
-    bench.update_markdown(markdown, results, tmp_path / "x.json")  # regenerated in place, not appended
+    update_markdown(markdown, results, tmp_path / "x.json")
+    update_markdown(markdown, results, tmp_path / "x.json")  # regenerated in place, not appended
     text = markdown.read_text()
-    assert text.count("<!-- bench:begin") == 1 and text.count(bench.END) == 1
+    assert text.count("<!-- bench:begin") == 1 and text.count(END) == 1
     assert "hand-written analysis stays." in text
     for entry in data_result["loaders"].values():
         assert entry["command"] in text  # the command behind every number
     assert train_result["command"] in text and "images/s per core" in text
 
 
-def test_resume_check_on_cpu(phantom_shards, tmp_path):
+def test_records_read_back_what_they_wrote(data_result, train_result):
+    assert DataResult.from_json(data_result).to_json() == data_result
+    assert TrainResult.from_json(train_result).to_json() == train_result
+
+
+def test_committed_results_still_read_and_render_as_in_benchmarks_md():
+    """The files in benchmarks/results/ keep their format: read back unchanged, and the table in
+    BENCHMARKS.md is what the writer makes of its results file."""
+    files = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+    assert files
+    for path in files:
+        assert read_record(SuiteResult, path).to_json() == json.loads(path.read_text())
+    committed = (ROOT / "BENCHMARKS.md").read_text()
+    source = re.search(r"raw numbers: `([^`]+)`", committed).group(1)
+    assert markdown_block(read_record(SuiteResult, ROOT / source), Path(source)) in committed
+
+
+def test_an_unreadable_results_file_is_a_one_line_error(tmp_path):
+    from cxr_fast.errors import CxrError
+
+    path = tmp_path / "cut.json"
+    path.write_text('{"kind": "suite", "command": ')
+    with pytest.raises(CxrError, match="cut.json: not a readable SuiteResult results file"):
+        read_record(SuiteResult, path)
+
+
+@pytest.mark.slow
+def test_resume_command_on_cpu(phantom_shards, tmp_path):
     out = tmp_path / "resume.json"
-    assert bench.main(["resume", "--shards", str(phantom_shards), "--workdir", str(tmp_path), "--epochs", "2",
-                       "--json", str(out), "image_size=32", "batch_size=8"]) == 0
+    assert main(["resume", "--shards", str(phantom_shards), "--workdir", str(tmp_path), "--epochs", "2",
+                 "--json", str(out), "image_size=32", "batch_size=8"]) == 0
     result = json.loads(out.read_text())
     assert result["ok"], result
     assert result["killed"] and result["resumed_after_epoch"] == result["epoch_at_kill"] == 1
     assert result["logged_epochs"] == [1, 2]
+    assert result["command"].startswith("python -m cxr_fast.bench resume ") and "identical_weights" not in result
+
+
+def test_resume_refuses_a_kill_after_the_last_epoch(phantom_shards, tmp_path):
+    from cxr_fast.bench.resume import kill_and_resume
+    from cxr_fast.errors import CxrError
+
+    with pytest.raises(CxrError, match="epoch 2 of 2"):
+        kill_and_resume(phantom_shards, tmp_path, epochs=2, kill_after_epoch=2)
 
 
 def test_gpu_check_script_parses():

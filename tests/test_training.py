@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from cxr_fast.bench.resume import kill_and_resume
 from cxr_fast.errors import CxrError
 from cxr_fast.recipes import load_config
 from cxr_fast.train import NonFiniteLoss, main, train
@@ -59,44 +58,17 @@ def test_two_epochs_learn_and_write_every_output(phantom_shards, tmp_path):
     assert (folder / "last.pt").read_bytes() == before
 
 
-def _run(args: list[str], **kwargs) -> subprocess.Popen:
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "cxr_fast.train", "--recipe", RECIPE, "--no-progress", *args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
+@pytest.mark.slow
 def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(phantom_shards, tmp_path):
-    args = dict(epochs=4, deterministic="true", decode_threads=1)
-    clean = _run(small(phantom_shards, tmp_path / "clean", **args))
-    assert clean.wait(timeout=300) == 0, clean.stdout.read()
-
-    killed = _run(small(phantom_shards, tmp_path / "killed", **args))
-    status = tmp_path / "killed" / "weights" / RECIPE / "status.json"
-    deadline = time.time() + 300
-    while not (status.is_file() and json.loads(status.read_text())["epoch"] >= 1) and time.time() < deadline:
-        assert killed.poll() is None, "finished before it could be killed"
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert json.loads(status.read_text())["epoch"] < 4
-
-    resumed = _run(small(phantom_shards, tmp_path / "killed", **args))
-    output = resumed.communicate(timeout=300)[0]
-    assert resumed.returncode == 0, output
-    assert "resuming after epoch" in output
-    for name in ("best.safetensors", "last.pt"):
-        if name.endswith(".pt"):
-            a = torch.load(tmp_path / "clean" / "weights" / RECIPE / name, weights_only=False)["model"]
-            b = torch.load(tmp_path / "killed" / "weights" / RECIPE / name, weights_only=False)["model"]
-        else:
-            a = load_weights(tmp_path / "clean" / "weights" / RECIPE / name)
-            b = load_weights(tmp_path / "killed" / "weights" / RECIPE / name)
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[key], b[key]) for key in a), f"{name} differs after resume"
-    clean_log = (tmp_path / "clean" / "runs" / RECIPE / "metrics.jsonl").read_text().splitlines()
-    resumed_log = (tmp_path / "killed" / "runs" / RECIPE / "metrics.jsonl").read_text().splitlines()
-    strip = lambda line: {k: v for k, v in json.loads(line).items() if k not in ("images_per_second", "data_wait_share")}
-    assert [strip(line) for line in clean_log] == [strip(line) for line in resumed_log]
+    settings = ["batch_size=16", "seed=0", "deterministic=true", "decode_threads=1"]
+    result = kill_and_resume(phantom_shards, tmp_path, recipe=RECIPE, epochs=4, kill_after_epoch=1, settings=settings,
+                             compare=True, timeout=900)
+    assert result.killed and result.epoch_at_kill == 1, result.first_run.output_tail
+    assert result.second_run.returncode == 0, result.second_run.output_tail
+    assert result.resumed_after_epoch == 1 and result.logged_epochs == [1, 2, 3, 4]
+    assert result.identical_weights, f"differs after resume: {result.differing[:5]}"
+    assert result.checks["metrics identical to the uninterrupted run (timings aside)"]
+    assert result.ok, result.reason
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(phantom_shards, tmp_path, monkeypatch):

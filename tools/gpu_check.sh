@@ -99,8 +99,8 @@ limit() {  # min(wanted, what is left of the budget minus a reserve for the summ
 # ---------------------------------------------------------------- 1. environment
 part env "$(limit 60)" "$PY" - "$OUT/env.json" <<'EOF'
 import json, subprocess, sys
-from cxr_fast.bench import machine_info
-info = machine_info()
+from cxr_fast.bench.machine import machine_info
+info = machine_info().to_json()
 try:
     info["nvidia_smi"] = subprocess.run(
         ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit", "--format=csv"],
