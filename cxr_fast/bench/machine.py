@@ -16,17 +16,11 @@ from typing import Callable
 import torch
 
 from cxr_fast.bench.records import Gpu, Machine, Rate
+from cxr_fast.loading.workers import usable_cores  # re-exported for the bench modules
 
 
 def training_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def cpu_model() -> str:
