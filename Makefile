@@ -24,12 +24,13 @@ DEMO_ARCHS ?= test_resnet,test_convnext,test_efficientnet
 DEMO_EPOCHS ?= 6
 DEMO_REPORT ?= reports/demo
 
-.PHONY: setup test shards demo bench clean help
+.PHONY: setup test test-slurm shards demo bench clean help
 help:
 	@echo "make setup   create .venv and install everything (torch pinned, see constraints.txt)"
 	@echo "make shards  build the phantom data set and shard it to $(SHARDS)/ (or real MIMIC: MIMIC_CXR=... MIMIC_IV=... make shards)"
 	@echo "make demo    the whole chain on the built-in phantom data: shards, train, predict, analyze"
 	@echo "make test    the test suite (CPU, a few minutes)"
+	@echo "make test-slurm  the Slurm array on a one-node Slurm cluster started here (root; installs slurm-wlm, munge)"
 	@echo "make bench   the CPU benchmark suite; writes benchmarks/results/ and BENCHMARKS.md"
 
 setup: $(STAMP)
@@ -47,6 +48,11 @@ dirs:
 
 test: setup dirs
 	WANDB_MODE=disabled $(PY) -m pytest -q
+
+# A real Slurm: 3 CPU recipes as an array, one cancelled and resubmitted, weights checked against a
+# direct run (~3 min; skips with the reason where it cannot run: not root, no apt-get, no network).
+test-slurm: setup dirs
+	WANDB_MODE=disabled $(PY) tools/slurm_test.py
 
 # CPU suite (< 10 min on 2 cores): benchmarks/results/<machine>-<date>.json + the table in BENCHMARKS.md.
 # The phantom it draws (1,024 px sources, 256 px shards) is cached in build/bench/.

@@ -8,11 +8,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Iterator
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from cxr_fast.errors import CxrError
+
+if TYPE_CHECKING:  # pandas is imported by the readers that need it, not by every atomic write
+    import pandas as pd
 
 TEMPORARY_MARK = ".tmp-"  # atomic_path's temporaries: `.NAME.tmp-PID`
 
@@ -132,6 +133,8 @@ def read_table(path: str | os.PathLike, *, columns: Iterable[str] = (), **read_c
     path = Path(path)
     if not path.is_file():
         raise CxrError(f"{path}: file not found")
+    import pandas as pd
+
     try:
         if path.suffix == ".parquet":
             frame = pd.read_parquet(path)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from cxr_fast.errors import CxrError, one_line
+
+if TYPE_CHECKING:  # the registry is read without torch (the study's status view, recipe checks)
+    import torch
 
 
 @dataclass(frozen=True)

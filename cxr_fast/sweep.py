@@ -16,15 +16,17 @@ import argparse
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from cxr_fast.errors import CxrError, run_cli
+from cxr_fast.errors import CxrError, one_line, run_cli
 from cxr_fast.io import atomic_path
+from cxr_fast.locks import describe, lock_holder
 from cxr_fast.models import list_archs
-from cxr_fast.recipes import load_config, parse_overrides, recipe_name
+from cxr_fast.recipes import Config, load_config, parse_overrides, recipe_name
 from cxr_fast.tasks import TASKS, task_name
 
 
@@ -44,14 +46,23 @@ def select_archs(text: str) -> list[str]:
     return chosen
 
 
-def is_finished(recipe: str, weights_dir: Path) -> bool:
-    path = weights_dir / recipe / "status.json"
-    if not path.is_file():
-        return False
+def is_finished(config: Config) -> bool:
+    """The recipe needs no more epochs for these settings: status.json says finished and it
+    either stopped early or has trained the requested epochs (raising `epochs=` reopens it)."""
+    path = config.weights_path / "status.json"
     try:
-        return bool(json.loads(path.read_text()).get("finished"))
-    except json.JSONDecodeError:
+        status = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
         return False
+    return (isinstance(status, dict) and status.get("recipe") == config.recipe and bool(status.get("finished"))
+            and (bool(status.get("stopped_early")) or status.get("epoch", 0) >= config.epochs))
+
+
+def running_holder(config: Config) -> str | None:
+    """`running (held by pid 12 on node3, Slurm job 77_4, ...)` while a live run holds the
+    recipe's lock, else None."""
+    holder = lock_holder(config.weights_path)
+    return None if holder is None else f"running (held by {describe(holder)})"
 
 
 def train_command(recipe: str, overrides: list[str], *, launcher: list[str]) -> list[str]:
@@ -82,6 +93,10 @@ def run_local(commands: list[tuple[str, list[str]]], *, logs: Path) -> int:
             recipe, command = queue.pop(0)
             env = dict(os.environ) | ({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {})
             log = open(logs / f"{recipe}.log", "a")
+            # The same job header as the Slurm script's: `--status` reads the latest job's errors.
+            log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: {recipe}"
+                      f" (GPUs: {slot if slot is not None else 'none'})\n")
+            log.flush()
             print(f"start {recipe}" + (f" on GPU {slot}" if slot is not None else ""), flush=True)
             running[slot] = (recipe, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
             log.close()  # the child holds its own copy of the descriptor
@@ -113,31 +128,60 @@ def run_in_process(recipes: list[str], overrides: list[str]) -> int:
     return failures
 
 
-def slurm_script(recipes: list[str], overrides: list[str], *, weights_dir: str, gpus_per_task: int, time_limit: str,
-                 partition: str) -> str:
-    """An sbatch array: task i trains recipe i with `accelerate launch` on its own GPUs."""
-    lines = "\n".join(shlex.quote(recipe) for recipe in recipes)
-    extra = " ".join(shlex.quote(item) for item in overrides)
-    partition_line = f"#SBATCH --partition={partition}\n" if partition else ""
+def launcher(gpus_per_task: int, cpus_per_task: int) -> list[str]:
+    """The interpreter that writes the script, by absolute path (no venv activation on the node),
+    plus `accelerate launch` with every parameter given for more than one GPU (no warnings about
+    defaults). The train config sets its own precision; the launcher's `no` does not override it."""
+    python = [str(Path(sys.executable).absolute())]
+    if gpus_per_task <= 1:
+        return python
+    return [*python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus_per_task),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--num_cpu_threads_per_process", str(max(1, cpus_per_task // gpus_per_task))]
+
+
+def slurm_script(recipes: list[str], overrides: list[str], *, logs: Path, gpus_per_task: int, cpus_per_task: int,
+                 time_limit: str, partition: str) -> str:
+    """An sbatch array: task i trains recipe i, unless it is finished or another job trains it.
+
+    Paths are absolute (the project sits on a shared filesystem); each recipe appends to
+    `<logs>/<recipe>.log`, which starts every job with its node and GPUs."""
+    python = shlex.quote(str(Path(sys.executable).absolute()))
+    log_dir = str(logs.absolute())  # #SBATCH lines are not shell-parsed: written as is
+    logs = shlex.quote(log_dir)
+    recipe_lines = "\n".join(shlex.quote(recipe) for recipe in recipes)
+    settings = "".join(f" {shlex.quote(item)}" for item in overrides)
+    train = shlex.join([*launcher(gpus_per_task, cpus_per_task), "-m", "cxr_fast.train"])
+    optional = (f"#SBATCH --gres=gpu:{gpus_per_task}\n" if gpus_per_task > 0 else "") + \
+               (f"#SBATCH --partition={partition}\n" if partition else "")
     return f"""#!/bin/bash
 #SBATCH --job-name=cxr_fast
 #SBATCH --array=0-{len(recipes) - 1}
-#SBATCH --gres=gpu:{gpus_per_task}
-#SBATCH --cpus-per-task={8 * gpus_per_task}
+#SBATCH --cpus-per-task={cpus_per_task}
 #SBATCH --time={time_limit}
-#SBATCH --output=runs/slurm-%A_%a.log
-{partition_line}# Written by `python -m cxr_fast.sweep --slurm`. Resubmitting resumes unfinished recipes.
+#SBATCH --output={log_dir}/slurm-%A_%a.log
+{optional}# Written by `python -m cxr_fast.sweep --slurm`. Resubmit this file as is: finished recipes
+# are skipped, interrupted ones resume from weights/<recipe>/last.pt, and a recipe that another
+# job still trains is skipped.
 set -euo pipefail
 cd {shlex.quote(str(Path.cwd()))}
 RECIPES=(
-{lines}
+{recipe_lines}
 )
 RECIPE=${{RECIPES[$SLURM_ARRAY_TASK_ID]}}
-if python -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1])).get('finished') else 1)" \
-    {shlex.quote(weights_dir)}/"$RECIPE"/status.json 2>/dev/null; then
-  echo "$RECIPE already finished"; exit 0
+LOG={logs}/"$RECIPE".log
+echo "$RECIPE: log in $LOG"
+exec >>"$LOG" 2>&1
+echo "== $(date '+%F %T') Slurm job ${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}} on $(hostname): $RECIPE"
+echo "GPUs: ${{CUDA_VISIBLE_DEVICES:-none}}"
+if [ -n "${{CUDA_VISIBLE_DEVICES:-}}" ] && command -v nvidia-smi >/dev/null; then nvidia-smi -L || true; fi
+if HOLDER=$({python} -m cxr_fast.sweep --is-running "$RECIPE"{settings}); then
+  echo "$RECIPE: skipped, $HOLDER"; exit 0
 fi
-accelerate launch --num_processes {gpus_per_task} -m cxr_fast.train --recipe "$RECIPE" --no-progress {extra}
+if {python} -m cxr_fast.sweep --is-finished "$RECIPE"{settings}; then
+  echo "$RECIPE: already finished"; exit 0
+fi
+{train} --recipe "$RECIPE" --no-progress{settings}
 """
 
 
@@ -147,29 +191,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="all", help="all, or a comma list of task slugs/indices")
     parser.add_argument("--archs", default="all", help="all (the 19 study archs), or a comma list of slugs/wildcards")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--status", action="store_true",
+                        help="print where each selected recipe stands (state, epochs, best epoch, time left)")
+    parser.add_argument("--json", action="store_true", help="with --status: JSON for scripts")
     parser.add_argument("--slurm", type=Path, metavar="FILE", help="write an sbatch --array script instead of running")
-    parser.add_argument("--gpus-per-task", type=int, default=1, help="with --slurm (default 1)")
+    parser.add_argument("--gpus-per-task", type=int, default=1, help="with --slurm (default 1; 0: CPU jobs)")
+    parser.add_argument("--cpus-per-task", type=int, default=0, help="with --slurm (default 8 per GPU, 8 for CPU jobs)")
     parser.add_argument("--time", default="48:00:00", help="with --slurm: time limit per recipe")
     parser.add_argument("--partition", default="", help="with --slurm")
     parser.add_argument("--logs", type=Path, default=Path("runs/sweep"), help="one log per recipe (default runs/sweep)")
     parser.add_argument("--in-process", action="store_true",
                         help="train one recipe after another in this process (CPU; no per-recipe start-up)")
+    parser.add_argument("--is-finished", metavar="RECIPE",
+                        help="exit 0 if RECIPE needs no more epochs for these settings, else 1")
+    parser.add_argument("--is-running", metavar="RECIPE",
+                        help="exit 0 and say who trains RECIPE if a live run holds its lock, else 1")
     parser.add_argument("overrides", nargs="*", help="key=value settings for every recipe")
     args = parser.parse_args(argv)
+    settings = parse_overrides(args.overrides)
+    if args.is_finished:
+        return 0 if is_finished(load_config(args.is_finished, settings)) else 1
+    if args.is_running:
+        holder = running_holder(load_config(args.is_running, settings))
+        if holder:
+            print(holder)
+        return 0 if holder else 1
 
     recipes = [recipe_name(task, arch) for arch in select_archs(args.archs) for task in select_tasks(args.tasks)]
-    settings = parse_overrides(args.overrides)
     configs = {recipe: load_config(recipe, settings) for recipe in recipes}  # validate everything up front
 
-    if args.slurm:
-        with atomic_path(args.slurm) as tmp:
-            tmp.write_text(slurm_script(recipes, args.overrides, weights_dir=configs[recipes[0]].weights_dir,
-                                        gpus_per_task=args.gpus_per_task,
-                                        time_limit=args.time, partition=args.partition))
-        print(f"wrote {args.slurm}: {len(recipes)} array tasks; submit with: sbatch {args.slurm}")
-        return 0
+    if args.status:
+        from cxr_fast.study_status import print_status
 
-    todo = [recipe for recipe in recipes if not is_finished(recipe, configs[recipe].weights_path.parent)]
+        print_status(list(configs.values()), logs=args.logs, as_json=args.json)
+        return 0
+    if args.slurm:
+        return write_slurm(args, recipes)
+
+    todo = [recipe for recipe in recipes if not is_finished(configs[recipe])]
     skipped = len(recipes) - len(todo)
     commands = [(recipe, train_command(recipe, args.overrides, launcher=[sys.executable])) for recipe in todo]
     if args.dry_run:
@@ -184,6 +243,21 @@ def main(argv: list[str] | None = None) -> int:
         failures = run_local(commands, logs=args.logs)
     if failures:
         raise CxrError(f"{failures} of {len(commands)} recipes failed; see the logs in {args.logs}")
+    return 0
+
+
+def write_slurm(args: argparse.Namespace, recipes: list[str]) -> int:
+    if args.gpus_per_task < 0 or args.cpus_per_task < 0:
+        raise CxrError("--gpus-per-task and --cpus-per-task: expected 0 or more")
+    cpus = args.cpus_per_task or 8 * max(1, args.gpus_per_task)
+    try:  # Slurm does not create the folder of --output; a job that cannot open its log dies without one
+        args.logs.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CxrError(f"{args.logs}: cannot create the log folder ({one_line(error)})") from error
+    with atomic_path(args.slurm) as tmp:
+        tmp.write_text(slurm_script(recipes, args.overrides, logs=args.logs, gpus_per_task=args.gpus_per_task,
+                                    cpus_per_task=cpus, time_limit=args.time, partition=args.partition))
+    print(f"wrote {args.slurm}: {len(recipes)} array tasks, logs in {args.logs}/; submit with: sbatch {args.slurm}")
     return 0
 
 

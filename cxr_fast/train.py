@@ -317,6 +317,7 @@ def train(config: Config, *, progress_bar: bool = True) -> dict:
             record = {"epoch": epoch + 1, "step": state.step, "train_loss": loss_sum.item() / n_batches,
                       "images_per_second": seen * accelerator.num_processes / max(train_seconds, 1e-9),
                       "data_wait_share": waited / max(train_seconds, 1e-9), "lr": optimizer.param_groups[0]["lr"],
+                      "epoch_seconds": time.perf_counter() - started,  # training + validation: the status view's ETA
                       **{f"val_{key}": value for key, value in val.items()}}
             # The log line first, then the checkpoint: a kill between the two leaves a line that
             # the resume cuts away and rewrites, never a checkpointed epoch without its line.

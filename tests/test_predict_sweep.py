@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -73,10 +74,10 @@ def test_predict_original_cli_form_and_missing_weights(phantom_shards, trained, 
 def test_sweep_dry_run_lists_every_selected_recipe_and_skips_finished(tmp_path, capsys):
     finished = tmp_path / "weights" / "effusion_resnet50"
     finished.mkdir(parents=True)
-    (finished / "status.json").write_text(json.dumps({"finished": True}))
+    (finished / "status.json").write_text(json.dumps({"recipe": "effusion_resnet50", "epoch": 3, "finished": True}))
     unfinished = tmp_path / "weights" / "edema_resnet50"
     unfinished.mkdir(parents=True)
-    (unfinished / "status.json").write_text(json.dumps({"finished": False}))
+    (unfinished / "status.json").write_text(json.dumps({"recipe": "edema_resnet50", "epoch": 1, "finished": False}))
     assert sweep.main(["--tasks", "effusion,edema", "--archs", "resnet50,convnext_*", "--dry-run",
                        f"weights_dir={tmp_path / 'weights'}", "epochs=3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -92,14 +93,39 @@ def test_sweep_all_is_the_114_study_recipes(capsys):
 
 
 def test_sweep_writes_a_slurm_array(tmp_path):
-    script = tmp_path / "study.sbatch"
+    script, logs = tmp_path / "study.sbatch", tmp_path / "not" / "yet" / "logs"
     assert sweep.main(["--tasks", "all", "--archs", "resnet50,densenet121", "--slurm", str(script),
-                       "--gpus-per-task", "2", "epochs=100"]) == 0
+                       "--gpus-per-task", "2", "--logs", str(logs), "epochs=100"]) == 0
     text = script.read_text()
-    assert "#SBATCH --array=0-11" in text and "#SBATCH --gres=gpu:2" in text
-    assert "accelerate launch --num_processes 2 -m cxr_fast.train" in text and "epochs=100" in text
+    assert "#SBATCH --array=0-11" in text and "#SBATCH --gres=gpu:2" in text and "#SBATCH --cpus-per-task=16" in text
+    python = str(Path(sys.executable).absolute())
+    assert os.path.isabs(python) and f"{python} -m accelerate.commands.launch --multi_gpu --num_processes 2 " \
+        "--num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process 8 " \
+        "-m cxr_fast.train --recipe \"$RECIPE\" --no-progress epochs=100" in text
+    assert "\naccelerate " not in text and "\npython " not in text  # nothing relies on an activated venv
+    assert f"{python} -m cxr_fast.sweep --is-finished \"$RECIPE\" epochs=100" in text
+    assert f"{python} -m cxr_fast.sweep --is-running \"$RECIPE\" epochs=100" in text
     assert "no_finding_densenet121" in text and "cardiomegaly_resnet50" in text
-    assert "weights/\"$RECIPE\"/status.json" in text
+    # Slurm does not create the folder of --output: the writer does.
+    assert logs.is_dir() and f"#SBATCH --output={logs.absolute()}/slurm-%A_%a.log" in text
+    assert f'LOG={logs.absolute()}/"$RECIPE".log' in text and "$(hostname)" in text and "CUDA_VISIBLE_DEVICES" in text
+
+
+def test_slurm_cpu_jobs_have_no_gres_and_no_launcher(tmp_path):
+    script = tmp_path / "cpu.sbatch"
+    assert sweep.main(["--tasks", "effusion", "--archs", "test_resnet", "--slurm", str(script), "--gpus-per-task", "0",
+                       "--cpus-per-task", "1", "--logs", str(tmp_path / "logs")]) == 0
+    text = script.read_text()
+    assert "--gres" not in text and "accelerate" not in text and "#SBATCH --cpus-per-task=1" in text
+    assert f"\n{Path(sys.executable).absolute()} -m cxr_fast.train --recipe \"$RECIPE\" --no-progress\n" in text
+
+
+def test_slurm_one_gpu_runs_train_directly(tmp_path):
+    script = tmp_path / "one.sbatch"
+    assert sweep.main(["--tasks", "effusion", "--archs", "resnet50", "--slurm", str(script),
+                       "--logs", str(tmp_path / "logs")]) == 0
+    text = script.read_text()
+    assert "#SBATCH --gres=gpu:1" in text and "#SBATCH --cpus-per-task=8" in text and "accelerate" not in text
 
 
 def test_sweep_validates_every_config_before_running(capsys):
