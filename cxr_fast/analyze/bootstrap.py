@@ -29,13 +29,6 @@ def subject_counts(*, n_subjects: int, n_resamples: int, seed: int, stream: int 
     return counts.reshape(n_resamples, n_subjects)
 
 
-def image_weights(*, subject_index: np.ndarray, n_resamples: int, seed: int, stream: int = 0) -> np.ndarray:
-    """(n_resamples, n_images) weights: each image inherits its subject's count."""
-    n_subjects = int(subject_index.max()) + 1 if subject_index.size else 0
-    counts = subject_counts(n_subjects=n_subjects, n_resamples=n_resamples, seed=seed, stream=stream)
-    return counts[:, subject_index].astype(float)
-
-
 def percentile_interval(
     samples: np.ndarray, *, level: float = 0.95, min_valid: float = 0.5
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +86,18 @@ def point_and_resamples(*, subject_index: np.ndarray, n_resamples: int, seed: in
 
     Keeping the estimate as row 0 lets every metric run once over estimate and resamples.
     """
-    weights = np.ones((1 + n_resamples, subject_index.size))
-    weights[1:] = image_weights(subject_index=subject_index, n_resamples=n_resamples, seed=seed,
-                                stream=task_stream(task))
+    n_subjects = int(subject_index.max()) + 1 if subject_index.size else 0
+    return subject_weights(n_subjects=n_subjects, n_resamples=n_resamples, seed=seed, task=task)[:, subject_index].astype(float)
+
+
+def subject_weights(*, n_subjects: int, n_resamples: int, seed: int, task: str) -> np.ndarray:
+    """(1 + n_resamples, n_subjects) int32: row 0 all ones, then each subject's count per resample.
+
+    The same draws as point_and_resamples, kept per subject: an image's weight is its
+    subject's, so any sum of image indicators is (subject weights) @ (per-subject sums), a
+    product over patients instead of images. Counts are small integers, so every such sum
+    is exact in float32 and float64 alike.
+    """
+    weights = np.ones((1 + n_resamples, n_subjects), dtype=np.int32)
+    weights[1:] = subject_counts(n_subjects=n_subjects, n_resamples=n_resamples, seed=seed, stream=task_stream(task))
     return weights

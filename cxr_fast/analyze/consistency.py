@@ -20,10 +20,9 @@ import pandas as pd
 
 from scipy import stats
 
-from cxr_fast.analyze.bootstrap import percentile_interval, point_and_resamples, wald_z
-from cxr_fast.analyze.groups import iter_groups
-from cxr_fast.analyze.inputs import task_data
+from cxr_fast.analyze.bootstrap import percentile_interval, wald_z
 from cxr_fast.analyze.metrics import as_weight_matrix
+from cxr_fast.analyze.resampled import Resampled, resampled_tasks, scope_sums
 from cxr_fast.analyze.stats import benjamini_hochberg
 from cxr_fast.analyze.threads import blas_single_threaded
 
@@ -39,11 +38,17 @@ def kappa_arrays(weights: np.ndarray, correct: np.ndarray) -> dict[str, np.ndarr
     """For (R, n) weights and (M, n) correctness: p_correct (R, M), c_obs/c_exp/kappa (R, P)
     over the P = M(M-1)/2 model pairs in itertools.combinations order."""
     first, second = _pairs(correct.shape[0])
-    total = weights.sum(axis=1, keepdims=True)
+    agree = (correct[first] == correct[second]).T.astype(float)               # (n, P)
+    return kappa_from_sums(weights.sum(axis=1), weights @ correct.T.astype(float), weights @ agree)
+
+
+def kappa_from_sums(total: np.ndarray, n_correct: np.ndarray, n_agree: np.ndarray) -> dict[str, np.ndarray]:
+    """kappa_arrays from weighted sums: total (R,), correct per model (R, M), agreeing per pair (R, P)."""
+    first, second = _pairs(n_correct.shape[1])
+    total = total[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
-        p_correct = weights @ correct.T.astype(float) / total
-        agree = (correct[first] == correct[second]).T.astype(float)          # (n, P)
-        c_obs = weights @ agree / total
+        p_correct = n_correct / total
+        c_obs = n_agree / total
         p1, p2 = p_correct[:, first], p_correct[:, second]
         c_exp = p1 * p2 + (1 - p1) * (1 - p2)
         undefined = (1 - c_exp) <= 1e-12
@@ -81,27 +86,45 @@ def consistency_table(*, predictions: pd.DataFrame, n_bootstrap: int = 1000, see
     Benjamini-Hochberg family over every group with >= min_count positives and negatives, all
     tasks. Flagged = q_value <= fdr and gap > 0: "models agree more on whom they fail here".
     """
+    return consistency_frame([task_consistency(resampled, level=level, min_count=min_count)
+                              for resampled in resampled_tasks(predictions=predictions, n_bootstrap=n_bootstrap, seed=seed)],
+                             fdr=fdr)
+
+
+def task_consistency(resampled: Resampled, *, level: float, min_count: int) -> list[dict[str, np.ndarray]]:
+    """One task's blocks of rows (overall, then every group) as columns; none with < 2 models."""
+    data = resampled.data
+    if len(data.archs) < 2:
+        return []
+    first, second = _pairs(len(data.archs))
+    n_models = len(data.archs)
     blocks = []
-    for data in task_data(predictions):
-        if len(data.archs) < 2:
-            continue
-        weights = point_and_resamples(subject_index=data.subject_index, n_resamples=n_bootstrap, seed=seed, task=data.task)
-        scopes = [("overall", "all", np.arange(data.label.size))] + list(iter_groups(data.images))
-        overall_mean = None
-        for attribute, group, positions in scopes:
-            arrays = kappa_arrays(weights[:, positions], data.correct[:, positions])
-            mean = _mean_kappa(arrays["kappa"])
-            overall_mean = mean if overall_mean is None else overall_mean
-            block = _scope_rows(arrays, mean, data.archs, level)
-            rows = len(block["kind"])
-            block.update({name: np.full(rows, value, dtype=object)
-                          for name, value in (("task", data.task), ("attribute", attribute), ("group", group))})
-            block["n"] = np.full(rows, positions.size)
-            block["n_subjects"] = np.full(rows, np.unique(data.subject_index[positions]).size)
-            n_pos = int(data.label[positions].sum())
-            eligible = attribute != "overall" and min(n_pos, positions.size - n_pos) >= min_count
-            block.update(_gap_columns(mean - overall_mean, rows, eligible=eligible, level=level))
-            blocks.append(block)
+    scopes = [("overall", "all", np.arange(data.label.size))] + resampled.groups
+    overall_mean = None
+    for attribute, group, positions in scopes:
+        part = data.correct[:, positions]
+        # Per-subject sums of [image, correct per model, agreeing per pair], one product for all.
+        indicators = np.column_stack([np.ones(positions.size), part.T, (part[first] == part[second]).T])
+        sums = scope_sums(resampled.weights, data.subject_index, positions, indicators)
+        arrays = kappa_from_sums(sums[:, 0], sums[:, 1:1 + n_models], sums[:, 1 + n_models:])
+        mean = _mean_kappa(arrays["kappa"])
+        overall_mean = mean if overall_mean is None else overall_mean
+        block = _scope_rows(arrays, mean, data.archs, level)
+        rows = len(block["kind"])
+        block.update({name: np.full(rows, value, dtype=object)
+                      for name, value in (("task", data.task), ("attribute", attribute), ("group", group))})
+        block["n"] = np.full(rows, positions.size)
+        block["n_subjects"] = np.full(rows, np.unique(data.subject_index[positions]).size)
+        n_pos = int(data.label[positions].sum())
+        eligible = attribute != "overall" and min(n_pos, positions.size - n_pos) >= min_count
+        block.update(_gap_columns(mean - overall_mean, rows, eligible=eligible, level=level))
+        blocks.append(block)
+    return blocks
+
+
+def consistency_frame(task_blocks: list[list[dict[str, np.ndarray]]], *, fdr: float) -> pd.DataFrame:
+    """The table from every task's blocks, with the one BH family over all tasks."""
+    blocks = [block for blocks in task_blocks for block in blocks]
     if not blocks:
         return pd.DataFrame(columns=_COLUMNS)
     # One DataFrame at the end: building one per subgroup costs more than the arithmetic.

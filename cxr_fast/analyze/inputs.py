@@ -114,10 +114,13 @@ def check_shared_images(predictions: pd.DataFrame) -> None:
     """Models of one task must be scored on the same images with the same labels: every
     pairwise comparison (kappa, share of models wrong) is per image."""
     for task, rows in predictions.groupby("task", sort=True):
-        sources = list(dict.fromkeys(rows["source"]))
-        reference = rows[rows["source"] == sources[0]].set_index("key")["label"]
+        by_source = {source: part.sort_values("key", kind="stable") for source, part in rows.groupby("source", sort=False)}
+        sources = list(by_source)
+        reference = by_source[sources[0]].set_index("key")["label"]
         for source in sources[1:]:
-            other = rows[rows["source"] == source].set_index("key")["label"]
+            other = by_source[source].set_index("key")["label"]
+            if other.index.equals(reference.index) and np.array_equal(other.to_numpy(), reference.to_numpy()):
+                continue  # the common case, without building set differences
             only_reference = reference.index.difference(other.index)
             only_other = other.index.difference(reference.index)
             if len(only_reference) or len(only_other):
@@ -177,14 +180,16 @@ def task_data(predictions: pd.DataFrame) -> list[TaskData]:
     check_shared_images(predictions)
     tasks = []
     for task, rows in predictions.groupby("task", sort=True):
+        # Every arch has the same keys once (checked above): sorted by (arch, key), the rows
+        # are an (archs x images) grid.
         rows = rows.sort_values(["arch", "key"], kind="stable")
         archs = tuple(rows["arch"].drop_duplicates())
-        first = rows[rows["arch"] == archs[0]]
-        images = first.reindex(columns=list(IMAGE_COLUMNS)).reset_index(drop=True)
-        prob = np.stack([rows.loc[rows["arch"] == arch, "prob"].to_numpy(float) for arch in archs])
-        pred = np.stack([rows.loc[rows["arch"] == arch, "pred"].to_numpy(float) == 1 for arch in archs])
-        recipes = tuple(str(rows.loc[rows["arch"] == arch, "recipe"].iloc[0]) if "recipe" in rows else f"{task}_{arch}"
-                        for arch in archs)
+        n_images = len(rows) // len(archs)
+        images = rows.iloc[:n_images].reindex(columns=list(IMAGE_COLUMNS)).reset_index(drop=True)
+        prob = rows["prob"].to_numpy(float).reshape(len(archs), n_images)
+        pred = rows["pred"].to_numpy(float).reshape(len(archs), n_images) == 1
+        recipes = (tuple(map(str, rows["recipe"].to_numpy()[::n_images])) if "recipe" in rows
+                   else tuple(f"{task}_{arch}" for arch in archs))
         tasks.append(TaskData(
             task=str(task), archs=tuple(map(str, archs)), recipes=recipes, images=images,
             label=images["label"].to_numpy(float) == 1, prob=prob, pred=pred,

@@ -79,12 +79,17 @@ def weighted_auroc(weights: np.ndarray, label: np.ndarray, score: np.ndarray) ->
 def metric_matrix(weights: np.ndarray, label: np.ndarray, prob: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """(R, len(METRICS)) array, columns in METRICS order. The fast path used by the tables."""
     tp, fn, fp, tn = confusion_weights(weights, label, pred).T
+    return metrics_from_confusion(tp, fn, fp, tn, weighted_auroc(weights, label, prob))
+
+
+def metrics_from_confusion(tp: np.ndarray, fn: np.ndarray, fp: np.ndarray, tn: np.ndarray, auroc: np.ndarray) -> np.ndarray:
+    """(..., len(METRICS)) array from weighted confusion counts (any shape) and the AUROC."""
     positives, negatives = tp + fn, fp + tn
     sensitivity = _ratio(tp, positives)
     specificity = _ratio(tn, negatives)
     columns = {
         "prevalence": _ratio(positives, positives + negatives),
-        "auroc": weighted_auroc(weights, label, prob),
+        "auroc": auroc,
         "balanced_accuracy": (sensitivity + specificity) / 2,
         "sensitivity": sensitivity,
         "specificity": specificity,
@@ -93,7 +98,7 @@ def metric_matrix(weights: np.ndarray, label: np.ndarray, prob: np.ndarray, pred
         "fnr": 1 - sensitivity,
         "fpr": 1 - specificity,
     }
-    return np.stack([columns[name] for name in METRICS], axis=1)
+    return np.stack([columns[name] for name in METRICS], axis=-1)
 
 
 def binary_metrics(

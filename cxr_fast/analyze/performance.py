@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from cxr_fast.analyze.bootstrap import percentile_interval, point_and_resamples, wald_z
-from cxr_fast.analyze.groups import iter_groups
-from cxr_fast.analyze.inputs import TaskData, task_data
-from cxr_fast.analyze.metrics import DIRECTION, METRICS, MODEL_METRICS, metric_matrix
+from cxr_fast.analyze.bootstrap import percentile_interval, wald_z
+from cxr_fast.analyze.inputs import TaskData
+from cxr_fast.analyze.metrics import DIRECTION, METRICS, MODEL_METRICS
+from cxr_fast.analyze.resampled import Resampled, metric_values, resampled_tasks
 from cxr_fast.analyze.stats import benjamini_hochberg
 from cxr_fast.analyze.threads import blas_single_threaded
 
@@ -34,17 +34,10 @@ _DIRECTION = np.array([DIRECTION[name] for name in METRICS])
 def model_table(*, predictions: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
     """One row per (model, metric): value and percentile CI from the patient-level bootstrap."""
     frames = []
-    for data in task_data(predictions):
-        weights = point_and_resamples(subject_index=data.subject_index, n_resamples=n_bootstrap, seed=seed, task=data.task)
-        counts = _counts(data, np.arange(data.label.size))
-        for m, (arch, recipe) in enumerate(zip(data.archs, data.recipes)):
-            values = metric_matrix(weights, data.label, data.prob[m], data.pred[m])
-            low, high = percentile_interval(values[1:], level=level)
-            frame = pd.DataFrame({"metric": METRICS, "value": values[0], "ci_low": low, "ci_high": high})
-            frame = frame[frame["metric"].isin(MODEL_METRICS)]
-            frames.append(frame.assign(task=data.task, arch=arch, recipe=recipe, **counts, note=_class_note(counts)))
-    columns = ["task", "arch", "recipe", "n", "n_subjects", "n_pos", "n_neg", "metric", "value", "ci_low", "ci_high", "note"]
-    return pd.concat(frames, ignore_index=True)[columns]
+    for resampled in resampled_tasks(predictions=predictions, n_bootstrap=n_bootstrap, seed=seed):
+        overall, _ = metric_values(resampled)
+        frames.append(model_rows(resampled, overall, level=level))
+    return pd.concat(frames, ignore_index=True)
 
 
 @blas_single_threaded
@@ -64,13 +57,33 @@ def subgroup_table(
     *better* (small groups with a near-zero error rate have a small bootstrap SE) would
     otherwise fill the BH ranking and lower the bar for everything else.
     """
-    frames = [_task_subgroups(data, n_bootstrap=n_bootstrap, seed=seed, min_count=min_count, level=level)
-              for data in task_data(predictions)]
-    table = pd.concat(frames, ignore_index=True)
+    frames = [subgroup_rows(resampled, *metric_values(resampled), min_count=min_count, level=level)
+              for resampled in resampled_tasks(predictions=predictions, n_bootstrap=n_bootstrap, seed=seed)]
+    return flag_subgroups(pd.concat(frames, ignore_index=True), fdr=fdr, flag_metrics=flag_metrics)
+
+
+def flag_subgroups(table: pd.DataFrame, *, fdr: float, flag_metrics: tuple[str, ...] = FLAG_METRICS) -> pd.DataFrame:
+    """Add tested / q_value / flagged: one BH family over the whole (all tasks) table."""
     table["tested"] = table["eligible"] & table["metric"].isin(flag_metrics) & table["p_harm"].notna()
     table["q_value"] = benjamini_hochberg(table["p_harm"].where(table["tested"]).to_numpy(float))
     table["flagged"] = table["tested"] & (table["q_value"] <= fdr) & (table["direction"] == "worse")
     return table
+
+
+def model_rows(resampled: Resampled, overall: np.ndarray, *, level: float) -> pd.DataFrame:
+    """The model table's rows of one task from metric_values' overall (M, K, 1 + R)."""
+    data = resampled.data
+    counts = _counts(data, np.arange(data.label.size))
+    low, high = percentile_interval(np.moveaxis(overall[:, :, 1:], 2, 0), level=level)   # (M, K)
+    keep = np.isin(METRICS, MODEL_METRICS)
+    n_models, n_metrics = len(data.archs), int(keep.sum())
+    frame = pd.DataFrame({
+        "task": data.task, "arch": np.repeat(data.archs, n_metrics), "recipe": np.repeat(data.recipes, n_metrics),
+        **counts, "metric": np.tile(np.array(METRICS)[keep], n_models),
+        "value": overall[:, keep, 0].ravel(), "ci_low": low[:, keep].ravel(), "ci_high": high[:, keep].ravel(),
+        "note": _class_note(counts),
+    })
+    return frame[["task", "arch", "recipe", "n", "n_subjects", "n_pos", "n_neg", "metric", "value", "ci_low", "ci_high", "note"]]
 
 
 def _counts(data: TaskData, positions: np.ndarray) -> dict[str, int]:
@@ -86,11 +99,11 @@ def _class_note(counts: dict[str, int]) -> str:
     return ""
 
 
-def _task_subgroups(data: TaskData, *, n_bootstrap: int, seed: int, min_count: int, level: float) -> pd.DataFrame:
-    weights = point_and_resamples(subject_index=data.subject_index, n_resamples=n_bootstrap, seed=seed, task=data.task)
-    groups = list(iter_groups(data.images))
-    # Column gathers of the weight matrix are shared by every model of the task.
-    group_weights = [weights[:, positions] for _, _, positions in groups]
+def subgroup_rows(resampled: Resampled, overall_values: np.ndarray, group_values: np.ndarray, *,
+                  min_count: int, level: float) -> pd.DataFrame:
+    """The subgroup table's rows of one task (before the table-wide BH step) from
+    metric_values' overall (M, K, 1 + R) and per group (M, G, K, 1 + R)."""
+    data, groups = resampled.data, resampled.groups
     group_info = pd.DataFrame([{"attribute": attribute, "group": group, **_counts(data, positions)}
                                for attribute, group, positions in groups])
     group_info["eligible"] = (group_info["n_pos"] >= min_count) & (group_info["n_neg"] >= min_count)
@@ -99,11 +112,7 @@ def _task_subgroups(data: TaskData, *, n_bootstrap: int, seed: int, min_count: i
     attributes = np.array([attribute for attribute, _, _ in groups])
     frames = []
     for m, (arch, recipe) in enumerate(zip(data.archs, data.recipes)):
-        overall = metric_matrix(weights, data.label, data.prob[m], data.pred[m]).T          # (K, R)
-        values = np.stack([                                                                # (G, K, R)
-            metric_matrix(w, data.label[pos], data.prob[m, pos], data.pred[m, pos]).T
-            for w, (_, _, pos) in zip(group_weights, groups)
-        ])
+        overall, values = overall_values[m], group_values[m]                               # (K, R), (G, K, R)
         best = _best_group(values[:, :, 0], attributes, eligible)                         # (G, K)
         best_values = np.where((best >= 0)[:, :, None], values[np.maximum(best, 0), np.arange(len(METRICS))], np.nan)
         frame = _rows(values, values - overall[None], values - best_values, level=level)

@@ -8,9 +8,10 @@ from pathlib import Path
 import pandas as pd
 
 from cxr_fast.analyze.adjusted import adjusted_table
-from cxr_fast.analyze.consistency import consistency_table
-from cxr_fast.analyze.inputs import load_predictions
-from cxr_fast.analyze.performance import FLAG_METRICS, model_table, subgroup_table
+from cxr_fast.analyze.consistency import consistency_frame, task_consistency
+from cxr_fast.analyze.inputs import load_predictions, task_data
+from cxr_fast.analyze.performance import FLAG_METRICS, flag_subgroups, model_rows, subgroup_rows
+from cxr_fast.analyze.resampled import metric_values, resampled_tasks
 from cxr_fast.analyze.systematic import systematic_images, systematic_table
 from cxr_fast.analyze.threads import blas_single_threaded
 from cxr_fast.errors import CxrError
@@ -98,14 +99,24 @@ DEFINITIONS = {
 
 @blas_single_threaded
 def analyze(*, pred_dir: str | Path, settings: Settings = Settings()) -> Analysis:
-    """Load every prediction file of `pred_dir` and compute all tables."""
+    """Load every prediction file of `pred_dir` and compute all tables.
+
+    Each task's arrays, groups and resample weights are built once and shared by the model,
+    subgroup and consistency tables (one task in memory at a time)."""
     settings.validate()
     predictions = load_predictions(pred_dir=pred_dir, split=settings.split)
-    common = {"n_bootstrap": settings.n_bootstrap, "seed": settings.seed, "level": settings.ci_level}
+    tasks = task_data(predictions)
+    parts: dict[str, list[pd.DataFrame]] = {"models": [], "subgroups": [], "consistency": []}
+    for resampled in resampled_tasks(tasks=tasks, n_bootstrap=settings.n_bootstrap, seed=settings.seed):
+        overall, by_group = metric_values(resampled)
+        parts["models"].append(model_rows(resampled, overall, level=settings.ci_level))
+        parts["subgroups"].append(subgroup_rows(resampled, overall, by_group, min_count=settings.min_count,
+                                                level=settings.ci_level))
+        parts["consistency"].append(task_consistency(resampled, level=settings.ci_level, min_count=settings.min_count))
     tables = {
-        "models": model_table(predictions=predictions, **common),
-        "subgroups": subgroup_table(predictions=predictions, min_count=settings.min_count, fdr=settings.fdr, **common),
-        "consistency": consistency_table(predictions=predictions, min_count=settings.min_count, fdr=settings.fdr, **common),
+        "models": pd.concat(parts["models"], ignore_index=True),
+        "subgroups": flag_subgroups(pd.concat(parts["subgroups"], ignore_index=True), fdr=settings.fdr),
+        "consistency": consistency_frame(parts["consistency"], fdr=settings.fdr),
         "systematic": systematic_table(predictions=predictions, threshold=settings.systematic_threshold,
                                        min_count=settings.min_count, fdr=settings.fdr, level=settings.ci_level),
         "systematic_images": systematic_images(predictions=predictions, threshold=settings.systematic_threshold),

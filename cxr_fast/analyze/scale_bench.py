@@ -1,0 +1,96 @@
+"""The analysis at the study's size: wall time and peak memory of `python -m cxr_fast.analyze`.
+
+    python -m cxr_fast.analyze.scale_bench [--images 32424 --subjects 13000 --archs 19 --bootstrap 1000]
+
+Simulates `all_pred/` at that size (19 archs x 6 tasks = 114 prediction files by default,
+cached in build/bench/ under a name that spells the size), runs the analysis CLI in a child
+process and records its wall time, its peak resident memory (the child's ru_maxrss) and the
+size of every report file in benchmarks/results/analyze-scale-<machine>-<date>.json.
+The child runs as a user would run it, so the numbers include reading the files and writing
+the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cxr_fast.io import write_json
+
+RESULTS = Path("benchmarks/results")
+ARCH_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "densenet121", "densenet169", "densenet201",
+              "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "convnext_tiny",
+              "convnext_small", "convnext_base", "vit_small", "vit_base", "swin_tiny", "swin_small", "regnety_016")
+
+
+def simulated_pred_dir(*, images: int, subjects: int, archs: int, seed: int = 0, cache: Path = Path("build/bench")) -> Path:
+    """A cached simulated all_pred/ of the requested size (one planted group, as in the study)."""
+    from cxr_fast.analyze.simulate import PlantedMiss, simulate_predictions, write_prediction_files
+    from cxr_fast.tasks import TASKS
+
+    pred_dir = cache / f"analyze-pred-{images}i-{subjects}s-{archs}a-seed{seed}"
+    done = pred_dir / ".complete"
+    if done.exists():
+        return pred_dir
+    names = ARCH_NAMES[:archs] if archs <= len(ARCH_NAMES) else tuple(f"arch{i:02d}" for i in range(archs))
+    predictions = simulate_predictions(tasks=TASKS, archs=names, n_images=images, images_per_subject=images / subjects,
+                                       planted=PlantedMiss(), seed=seed)
+    write_prediction_files(predictions=predictions, pred_dir=pred_dir)
+    done.write_text("")
+    return pred_dir
+
+
+def measure(*, pred_dir: Path, out: Path, bootstrap: int) -> dict:
+    """Run the analysis CLI once in a child process; wall seconds, child peak RSS, file sizes."""
+    command = [sys.executable, "-m", "cxr_fast.analyze", "--pred-dir", str(pred_dir), "--out", str(out),
+               "--bootstrap", str(bootstrap)]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    # RUSAGE_CHILDREN: the largest peak of any waited-for child, which is the one we ran.
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {
+        "command": " ".join(["python"] + command[1:]),
+        "wall_s": round(wall, 2),
+        "peak_rss_mb": round(peak_kib / 1024, 1),
+        "report_files_mb": {path.name: round(path.stat().st_size / 2**20, 2) for path in sorted(out.iterdir())},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cxr_fast.analyze.scale_bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=32_424, help="test images per task (default: %(default)s)")
+    parser.add_argument("--subjects", type=int, default=13_000, help="patients (default: %(default)s)")
+    parser.add_argument("--archs", type=int, default=19, help="models per task (default: %(default)s)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    parser.add_argument("--out", default="build/bench/analyze-report", help="report directory (default: %(default)s)")
+    parser.add_argument("--results", default=str(RESULTS), help="where the JSON goes (default: %(default)s)")
+    args = parser.parse_args(argv)
+    pred_dir = simulated_pred_dir(images=args.images, subjects=args.subjects, archs=args.archs)
+    result = {
+        "benchmark": "analyze-scale",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.node(), "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg(),
+        "images_per_task": args.images, "subjects": args.subjects, "models": 6 * args.archs, "bootstrap": args.bootstrap,
+        **measure(pred_dir=pred_dir, out=Path(args.out), bootstrap=args.bootstrap),
+        "load_average_end": os.getloadavg(),
+    }
+    path = Path(args.results) / f"analyze-scale-{platform.node()}-{datetime.date.today().isoformat()}.json"
+    write_json(path, result)
+    print(json.dumps(result, indent=1))
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    from cxr_fast.errors import run_cli
+
+    run_cli(main)
