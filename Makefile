@@ -58,6 +58,7 @@ test-slurm: setup dirs
 # The phantom it draws (1,024 px sources, 256 px shards) is cached in build/bench/.
 bench: setup dirs
 	WANDB_MODE=disabled $(PY) -m cxr_fast.bench suite
+	$(PY) -m cxr_fast.analyze.scale_bench   # the analysis at study size: time, peak memory, report size
 
 ifdef MIMIC_CXR
 shards: setup dirs

@@ -21,6 +21,7 @@ from cxr_fast.analyze.inputs import TaskData
 from cxr_fast.analyze.metrics import roc_points, weighted_auroc
 
 DPI = 90
+MAX_MARKERS = 6  # forest plots show one marker per model up to this many models per task
 FLAG_COLOR = "#c0392b"
 
 
@@ -65,6 +66,8 @@ def forest_figure(subgroups: pd.DataFrame, *, task: str, metrics: tuple[str, ...
     rows = subgroups[(subgroups["task"] == task) & subgroups["attribute"].isin(DEMOGRAPHICS)]
     groups = sorted({(a, g) for a, g in zip(rows["attribute"], rows["group"])}, key=lambda ag: group_sort_key(*ag))
     archs = list(dict.fromkeys(rows["arch"]))
+    if len(archs) > MAX_MARKERS:
+        return _forest_summary_figure(rows, groups, task=task, metrics=metrics, n_models=len(archs))
     figure = Figure(figsize=(5.2 * len(metrics), 0.32 * len(groups) + 1.4))
     axes = figure.subplots(1, len(metrics), squeeze=False, sharey=True)
     offsets = np.linspace(-0.3, 0.3, len(archs)) if len(archs) > 1 else np.zeros(1)
@@ -85,6 +88,34 @@ def forest_figure(subgroups: pd.DataFrame, *, task: str, metrics: tuple[str, ...
         axis.grid(axis="x", lw=0.3)
     axes[0][0].invert_yaxis()  # once: the panels share the y axis, a second call undoes it
     axes[0][-1].legend(fontsize=7, loc="best")
+    return _data_uri(figure)
+
+
+def _forest_summary_figure(rows: pd.DataFrame, groups: list, *, task: str, metrics: tuple[str, ...], n_models: int) -> str:
+    """Many models: per group the median gap over models (marker) and their range (bar); red
+    with the count when any model is flagged. One marker per model would be unreadable."""
+    figure = Figure(figsize=(5.2 * len(metrics), 0.32 * len(groups) + 1.4))
+    axes = figure.subplots(1, len(metrics), squeeze=False, sharey=True)
+    for axis, metric in zip(axes[0], metrics):
+        part = rows[rows["metric"] == metric].groupby(["attribute", "group"])
+        stats = pd.DataFrame({"median": part["gap_overall"].median(), "low": part["gap_overall"].min(),
+                              "high": part["gap_overall"].max(), "flagged": part["flagged"].sum(),
+                              "eligible": part["eligible"].any()}).reindex(groups)
+        y = np.arange(len(groups))
+        flagged = stats["flagged"].fillna(0).to_numpy() > 0
+        colors = np.where(flagged, FLAG_COLOR, "#34495e")
+        axis.hlines(y, stats["low"], stats["high"], colors=colors, lw=2.5, alpha=0.5)
+        filled = stats["eligible"].fillna(False).astype(bool).to_numpy()
+        axis.scatter(stats["median"][filled], y[filled], c=colors[filled], s=22, zorder=3)
+        axis.scatter(stats["median"][~filled], y[~filled], facecolors="none", edgecolors=colors[~filled], s=22, zorder=3)
+        for yy, high, count in zip(y[flagged], stats["high"][flagged], stats["flagged"][flagged]):
+            axis.text(high, yy, f"  {int(count)}/{n_models}", va="center", fontsize=7, color=FLAG_COLOR)
+        axis.axvline(0, color="grey", lw=0.8)
+        axis.set(title=f"{task}: {metric.upper()} gap to overall ({n_models} models)",
+                 xlabel=f"{metric.upper()} group - overall: median (dot), range over models (bar)")
+        axis.set_yticks(y, [f"{a}: {g}" for a, g in groups], fontsize=8)
+        axis.grid(axis="x", lw=0.3)
+    axes[0][0].invert_yaxis()
     return _data_uri(figure)
 
 

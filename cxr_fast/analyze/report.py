@@ -194,23 +194,55 @@ def _subgroup_display(rows: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+def task_summary(subgroups: pd.DataFrame) -> pd.DataFrame:
+    """Per task, group and flag metric with at least one flagged model: how many of the task's
+    models are flagged, and the gap to overall across all of the task's models (median, range)."""
+    tested = subgroups[subgroups["tested"]]
+    records = []
+    for (task, attribute, group, metric), rows in tested.groupby(["task", "attribute", "group", "metric"], sort=False):
+        n_flagged = int(rows["flagged"].sum())
+        if n_flagged:
+            gaps = rows["gap_overall"]
+            records.append({"task": task, "attribute": attribute, "group": group, "metric": metric,
+                            "models_flagged": n_flagged, "models": int(rows["arch"].nunique()),
+                            "median_gap": float(gaps.median()), "min_gap": float(gaps.min()), "max_gap": float(gaps.max())})
+    columns = ["task", "attribute", "group", "metric", "models_flagged", "models", "median_gap", "min_gap", "max_gap"]
+    table = pd.DataFrame(records, columns=columns)
+    order = [group_sort_key(a, g) for a, g in zip(table["attribute"], table["group"])]
+    return (table.assign(_order=order).sort_values(["task", "models_flagged", "_order"], ascending=[True, False, True], kind="stable")
+            .drop(columns="_order").reset_index(drop=True))
+
+
+def _summary_display(summary: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "task": summary["task"], "attribute": summary["attribute"], "group": summary["group"],
+        "metric": summary["metric"].map(METRIC_LABELS),
+        "models flagged": [f"{f} of {n}" for f, n in zip(summary["models_flagged"], summary["models"])],
+        "median gap to overall": summary["median_gap"],
+        "range over models": [f"{_number(low)} to {_number(high)}" for low, high in zip(summary["min_gap"], summary["max_gap"])],
+    })
+
+
 def _subgroups_section(subgroups: pd.DataFrame, forest_uris: dict[str, str]) -> str:
     left = ("task", "model", "attribute", "group", "metric", "value [95% CI]", "gap to overall [95% CI]",
             "gap to best [95% CI]", "best group", "note")
-    flagged = subgroups[subgroups["flagged"]]
+    summary = task_summary(subgroups)
     parts = ["<h2>Subgroups</h2>",
              f"<p>{DEFINITIONS['subgroup_family']}</p>",
-             "<h3>Flagged gaps</h3>",
-             _table(_subgroup_display(flagged), flag_column="flagged", left=left) if len(flagged) else "<p>None.</p>"]
-    shown = ("fnr", "fpr", "balanced_accuracy", "auroc")
+             "<h3>Per task: groups with flagged models</h3>",
+             "<p class=note>For each task, group and metric with at least one flagged model: how many of the task's "
+             "models are flagged, and the gap to overall across all the task's models (median and range). "
+             "Per-model rows are in the collapsed sections below and, for every group and metric, in subgroups.csv.</p>",
+             _table(_summary_display(summary), left=("task", "attribute", "group", "metric", "models flagged", "range over models"))
+             if len(summary) else "<p>No flagged gap.</p>"]
     for task, uri in forest_uris.items():
+        flagged = subgroups[(subgroups["task"] == task) & subgroups["flagged"]]
+        flagged = flagged.assign(_order=[group_sort_key(a, g) for a, g in zip(flagged["attribute"], flagged["group"])])
+        flagged = flagged.sort_values(["_order", "metric", "arch"], kind="stable")
         parts.append(f"<h3>{html.escape(task)}</h3>" + _figure(uri, f"forest plot of subgroup gaps, {task}"))
-        rows = subgroups[(subgroups["task"] == task) & subgroups["metric"].isin(shown)]
-        rows = rows.assign(_order=[group_sort_key(a, g) for a, g in zip(rows["attribute"], rows["group"])])
-        rows = rows.sort_values(["_order", "arch", "metric"], kind="stable")
-        parts.append(f"<details><summary>{html.escape(task)}: FNR, FPR, balanced accuracy and AUROC per group and model "
-                     f"({len(rows)} rows; all metrics in subgroups.csv)</summary>"
-                     + _table(_subgroup_display(rows), flag_column="flagged", left=left) + "</details>")
+        parts.append(f"<details><summary>{html.escape(task)}: flagged gaps per model ({len(flagged)} rows)</summary>"
+                     + (_table(_subgroup_display(flagged), flag_column="flagged", left=left) if len(flagged) else "<p>None.</p>")
+                     + "</details>")
     return "".join(parts)
 
 
@@ -336,7 +368,9 @@ def summary(analysis: Analysis) -> dict:
         "inputs": _records(analysis.inputs),
         "definitions": DEFINITIONS,
         "headline": headline_findings(analysis),
-        "tables": {name: _records(table) for name, table in analysis.tables.items()},
+        # The tables themselves are the CSVs next to this file; here only what they do not say.
+        "files": {f"{name}.csv": len(table) for name, table in analysis.tables.items()},
+        "task_summary": _records(task_summary(analysis.tables["subgroups"])),
         "versions": versions(),
     }
 

@@ -1,0 +1,66 @@
+"""The shared-resample kernels equal the image-level computation they replace, and the
+per-task summary of the report counts flagged models right."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cxr_fast.analyze import subgroup_table
+from cxr_fast.analyze.bootstrap import point_and_resamples
+from cxr_fast.analyze.consistency import kappa_arrays, task_consistency
+from cxr_fast.analyze.metrics import metric_matrix
+from cxr_fast.analyze.report import task_summary
+from cxr_fast.analyze.resampled import metric_values, resampled_tasks
+from cxr_fast.analyze.simulate import PlantedMiss
+from pred_fixtures import simulate_predictions
+
+B = 40
+
+
+@pytest.fixture(scope="module")
+def predictions():
+    frame = simulate_predictions(tasks=("edema", "effusion"), archs=("a", "b", "c", "d"), n_images=500, seed=5)
+    frame["prob"] = frame["prob"].round(2)  # ties between positives and negatives
+    frame["pred"] = (frame["prob"] >= 0.5).astype(int)
+    return frame.assign(source=frame["recipe"])
+
+
+def test_metric_values_equal_metric_matrix_on_image_weights_bit_for_bit(predictions):
+    for resampled in resampled_tasks(predictions=predictions, n_bootstrap=B, seed=2):
+        data = resampled.data
+        weights = point_and_resamples(subject_index=data.subject_index, n_resamples=B, seed=2, task=data.task)
+        overall, by_group = metric_values(resampled)
+        for m in range(len(data.archs)):
+            np.testing.assert_array_equal(overall[m], metric_matrix(weights, data.label, data.prob[m], data.pred[m]).T)
+            for g, (_, _, positions) in enumerate(resampled.groups):
+                expected = metric_matrix(weights[:, positions], data.label[positions], data.prob[m, positions],
+                                         data.pred[m, positions]).T
+                np.testing.assert_array_equal(by_group[m, g], expected)
+
+
+def test_consistency_from_subject_sums_equals_image_level_kappa(predictions):
+    for resampled in resampled_tasks(predictions=predictions, n_bootstrap=B, seed=2):
+        data = resampled.data
+        weights = point_and_resamples(subject_index=data.subject_index, n_resamples=B, seed=2, task=data.task)
+        blocks = task_consistency(resampled, level=0.95)
+        scopes = [np.arange(data.label.size)] + [positions for _, _, positions in resampled.groups]
+        for block, positions in zip(blocks, scopes):
+            kappa = kappa_arrays(weights[:, positions], data.correct[:, positions])["kappa"]
+            np.testing.assert_array_equal(block["kappa"][1:], kappa[0])
+
+
+def test_task_summary_counts_the_flagged_models_of_each_task():
+    # The planted miss hits the first half of the models only: 2 of 4 per task.
+    frame = simulate_predictions(tasks=("edema", "effusion"), archs=("a", "b", "c", "d"), n_images=1500, seed=1,
+                                 planted=PlantedMiss(shift=4.0, share_of_models=0.5))
+    table = subgroup_table(predictions=frame.assign(source=frame["recipe"]), n_bootstrap=100)
+    summary = task_summary(table).set_index(["task", "attribute", "group", "metric"])
+    for task in ("edema", "effusion"):
+        planted = summary.loc[(task, "race", "Black", "fnr")]
+        assert (planted["models_flagged"], planted["models"]) == (2, 4)
+        gaps = table.query("task == @task and attribute == 'race' and group == 'Black' and metric == 'fnr'")["gap_overall"]
+        assert planted["median_gap"] == pytest.approx(gaps.median())
+        assert (planted["min_gap"], planted["max_gap"]) == (gaps.min(), gaps.max())
+    counted = summary["models_flagged"].sum()
+    assert counted == table["flagged"].sum()
