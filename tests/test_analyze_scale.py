@@ -43,7 +43,7 @@ def test_consistency_from_subject_sums_equals_image_level_kappa(predictions):
     for resampled in resampled_tasks(predictions=predictions, n_bootstrap=B, seed=2):
         data = resampled.data
         weights = point_and_resamples(subject_index=data.subject_index, n_resamples=B, seed=2, task=data.task)
-        blocks = task_consistency(resampled, level=0.95)
+        blocks = task_consistency(resampled, level=0.95, min_count=30)
         scopes = [np.arange(data.label.size)] + [positions for _, _, positions in resampled.groups]
         for block, positions in zip(blocks, scopes):
             kappa = kappa_arrays(weights[:, positions], data.correct[:, positions])["kappa"]
