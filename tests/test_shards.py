@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,8 @@ from PIL import Image
 
 from cxr_fast.data import shard_dataset, shards
 from cxr_fast.errors import CxrError
+from cxr_fast.io import TEMPORARY_MARK
+from cxr_fast.locks import LOCK_NAME
 from cxr_fast.tasks import TASKS
 from conftest import SHARD_PIXELS, shard_arguments
 
@@ -29,8 +30,13 @@ COHORT_COLUMNS = ["key", "dicom_id", "subject_id", "study_id", "path", "view", "
 
 
 def digest_tree(folder: Path) -> dict[str, str]:
-    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.iterdir()) if path.is_file()}
+    """sha256 of every file below `folder` but the lock, whose text names its last holder."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != LOCK_NAME}
+
+
+def temporaries(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*") if TEMPORARY_MARK in path.name]
 
 
 def test_outputs_follow_the_data_contract(phantom_shards):
@@ -85,49 +91,138 @@ def test_cohort_only_opens_no_image_and_writes_only_the_tables(phantom_root, tmp
     monkeypatch.setattr(Image, "open", no_images)
     out = tmp_path / "cohort"
     assert shard_dataset.main(shard_arguments(phantom_root, out, "--cohort-only")) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["cohort.parquet", "exclusions.csv", "meta.json"]
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "cohort.parquet", "exclusions.csv", "meta.json"]
     meta = json.loads((out / "meta.json").read_text())
     assert meta["counts"]["images"]["all"] == len(pd.read_parquet(out / "cohort.parquet"))
 
 
-def _shard_process(phantom_root: Path, out: Path) -> subprocess.Popen:
+def _tool_arguments(phantom_root: Path, out: Path) -> list[str]:
     args = shard_arguments(phantom_root, out)
     args[args.index("--shard-size") + 1] = "8"
-    args[args.index("--workers") + 1] = "1"
-    return subprocess.Popen([sys.executable, "tools/shard_dataset.py", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args[args.index("--workers") + 1] = "1"  # no worker pool: a kill leaves no orphan behind
+    return args
 
 
+def _shard_process(phantom_root: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "tools/shard_dataset.py", *_tool_arguments(phantom_root, out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+# The tool, killed with SIGKILL by itself right after its N-th tar member: the kill lands at
+# the same point of the run however loaded the machine is.
+KILLED_AFTER_MEMBERS = """
+import os, signal, sys, tarfile
+from cxr_fast.data.shard_dataset import main
+from cxr_fast.errors import run_cli
+
+left = int(sys.argv[1])
+addfile = tarfile.TarFile.addfile
+
+def addfile_then_die(self, *args, **kwargs):
+    global left
+    addfile(self, *args, **kwargs)
+    left -= 1
+    if left == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+tarfile.TarFile.addfile = addfile_then_die
+run_cli(main, sys.argv[2:])
+"""
+
+
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_byte_identical_output(phantom_root, tmp_path):
     clean = _shard_process(phantom_root, tmp_path / "clean")
     assert clean.wait(timeout=300) == 0, clean.stdout.read()
 
     out = tmp_path / "crashed"
-    crashed = _shard_process(phantom_root, out)
-    deadline = time.time() + 120
-    while len(list((out / shards.PARTS_DIR).glob("*-*.json"))) < 3 and time.time() < deadline:
-        assert crashed.poll() is None, "finished before it could be killed"
-        time.sleep(0.005)
-    crashed.send_signal(signal.SIGKILL)
-    crashed.wait()
+    members = 3 * 2 * 8 + 5  # three full shards of 8 (jpg + json each), then mid-way into the fourth
+    crashed = subprocess.run([sys.executable, "-c", KILLED_AFTER_MEMBERS, str(members), *_tool_arguments(phantom_root, out)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert len(list((out / shards.PARTS_DIR).glob("train-*.json"))) == 3
     assert not (out / "manifest.parquet").exists()
+    assert any(path.name.startswith(".train-000003.tar") for path in temporaries(out)), "no partial tar left"
     # Whatever was in flight has only a temporary name: no final-named partial shard.
     for tar in out.glob("*.tar"):
         tarfile.open(tar).getmembers()
 
+    # The dead run's lock blocks nobody; its temporaries are removed.
     resumed = _shard_process(phantom_root, out)
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
-    assert not list(out.glob(".*.tmp-*"))
+    assert temporaries(out) == []
     assert digest_tree(out) == digest_tree(tmp_path / "clean")
 
 
-def test_a_rerun_with_other_settings_is_refused(phantom_root, phantom_shards, tmp_path):
+def test_a_rerun_with_other_settings_is_refused_and_changes_nothing(phantom_root, phantom_shards, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(phantom_shards, out)
-    args = shard_arguments(phantom_root, out)
+    before = digest_tree(out)
+    # --limit changes the cohort too: the refused run must not replace cohort.parquet.
+    args = shard_arguments(phantom_root, out, "--limit", "40")
     args[args.index("--size") + 1] = "96"
-    with pytest.raises(CxrError, match="different cohort or image settings"):
+    with pytest.raises(CxrError, match=f"other settings \\(--size {SHARD_PIXELS} there, 96 now\\)"):
         shard_dataset.main(args)
+    assert digest_tree(out) == before
+
+
+def _sample_record(folder: Path, shard: str, key: str) -> dict:
+    with tarfile.open(folder / shard) as tar:
+        return json.loads(tar.extractfile(f"{key}.json").read())
+
+
+def test_a_rerun_after_a_demographics_change_rewrites_only_the_shards_it_changes(phantom_root, tmp_path):
+    root = tmp_path / "phantom"
+    shutil.copytree(phantom_root, root)
+    out = tmp_path / "out"
+    assert shard_dataset.main(shard_arguments(root, out)) == 0
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    subject = manifest.loc[manifest["race"] != "Black", "subject_id"].iloc[0]
+    touched = set(manifest.loc[manifest["subject_id"] == subject, "shard"])
+    inodes = {tar.name: tar.stat().st_ino for tar in out.glob("*.tar")}
+
+    admissions_path = root / "mimic-iv" / "hosp" / "admissions.csv.gz"
+    admissions = pd.read_csv(admissions_path)
+    admissions.loc[admissions["subject_id"] == subject, "race"] = "BLACK/AFRICAN AMERICAN"
+    with gzip.open(admissions_path, "wt") as handle:
+        admissions.to_csv(handle, index=False)
+    assert shard_dataset.main(shard_arguments(root, out)) == 0
+
+    rerun = pd.read_parquet(out / "manifest.parquet")
+    for row in rerun[rerun["subject_id"] == subject].itertuples():
+        assert row.race == "Black" and _sample_record(out, row.shard, row.key)["race"] == "Black"
+    assert {name for name, inode in inodes.items() if (out / name).stat().st_ino != inode} == touched
+    fresh = tmp_path / "fresh"
+    assert shard_dataset.main(shard_arguments(root, fresh)) == 0
+    assert digest_tree(out) == digest_tree(fresh)
+
+
+def test_a_rerun_with_a_smaller_cohort_removes_the_shards_it_no_longer_has(phantom_root, phantom_shards, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(phantom_shards, out)
+    assert shard_dataset.main(shard_arguments(phantom_root, out, "--limit", "100")) == 0
+    fresh = tmp_path / "fresh"
+    assert shard_dataset.main(shard_arguments(phantom_root, fresh, "--limit", "100")) == 0
+    assert digest_tree(out) == digest_tree(fresh)
+
+
+def test_a_second_run_into_a_locked_folder_exits_at_once_naming_the_holder(phantom_root, tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom cxr_fast.locks import exclusive_lock\n"
+         "with exclusive_lock(sys.argv[1], what='sharding run'):\n    print('held', flush=True)\n    sys.stdin.read()",
+         str(out)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = subprocess.run([sys.executable, "tools/shard_dataset.py", *shard_arguments(phantom_root, out)],
+                              cwd=ROOT, capture_output=True, text=True)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "another sharding run" in lines[0] and f"pid {holder.pid} " in lines[0]
+    assert [path.name for path in out.iterdir()] == [LOCK_NAME]
 
 
 # ------------------------------------------------------------------ bad input
@@ -190,6 +285,22 @@ def test_missing_column_is_one_line_naming_file_and_column(damaged_phantom, tmp_
 
 def test_a_cohort_emptied_by_the_filters_is_an_error(phantom_root, tmp_path):
     _expect_error(shard_arguments(phantom_root, tmp_path / "out", "--views", "XX"), "no images", tmp_path / "out")
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_a_shard_size_below_one_is_refused_before_anything_is_written(phantom_root, tmp_path, size):
+    args = shard_arguments(phantom_root, tmp_path / "out")
+    args[args.index("--shard-size") + 1] = size
+    _expect_error(args, f"--shard-size must be >= 1, got {size}", tmp_path / "out")
+
+
+def test_an_unwritable_out_is_one_line_naming_it(phantom_root, tmp_path):
+    # A path through a regular file cannot be created even by root (ENOTDIR); a 0o555
+    # folder does the same for other users.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "shards"
+    _expect_error(shard_arguments(phantom_root, out), f"{out}: cannot write here", out)
 
 
 # ------------------------------------------------------------------ image decoding

@@ -5,7 +5,8 @@
     python tools/shard_dataset.py --source nih --csv Data_Entry_2017.csv --root DIR --out OUT
 
 Outputs and their schemas: DATA_SPEC.md and the docstring of cxr_fast/data/shards.py.
-Rerunning the same command after a crash finishes the missing shards.
+Rerunning the same command after a crash finishes the missing shards; a rerun after the
+cohort changed rewrites the shards whose contents changed. One run at a time per --out.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import pandas as pd
 from cxr_fast.data import shards
 from cxr_fast.data.cohort import add_cohort_arguments, cohort_from_args
 from cxr_fast.errors import CxrError, run_cli
-from cxr_fast.io import package_versions, write_csv, write_json, write_parquet
+from cxr_fast.io import package_versions, remove_stale_temporaries, write_csv, write_json, write_parquet
+from cxr_fast.locks import exclusive_lock
 from cxr_fast.tasks import TASKS
 
 VERSIONED_PACKAGES = ("cxr_fast", "numpy", "pandas", "pyarrow", "pillow", "pydicom")
@@ -38,13 +40,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="keep only the first N cohort images by key (quick trials)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if not 1 <= args.quality <= 100:
-        parser.error(f"--quality must be in 1-100, got {args.quality}")
-    if args.size < 8:
-        parser.error(f"--size must be >= 8, got {args.size}")
-    if args.limit is not None and args.limit < 1:
-        parser.error(f"--limit must be >= 1, got {args.limit}")
+    check_arguments(args)
     return args
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse out-of-range numbers with one line, before any input is read or output written."""
+    if not 1 <= args.quality <= 100:
+        raise CxrError(f"--quality must be in 1-100, got {args.quality}")
+    if args.size < 8:
+        raise CxrError(f"--size must be >= 8, got {args.size}")
+    if args.shard_size < 1:
+        raise CxrError(f"--shard-size must be >= 1, got {args.shard_size}")
+    if args.limit is not None and args.limit < 1:
+        raise CxrError(f"--limit must be >= 1, got {args.limit}")
 
 
 def apply_limit(cohort: pd.DataFrame, exclusions: pd.DataFrame, limit: int | None):
@@ -90,18 +99,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cohort = cohort_from_args(args)
     frame, exclusions = apply_limit(cohort.frame, cohort.exclusions, args.limit)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    write_parquet(out / "cohort.parquet", frame)
-    meta = {"source": cohort.source, "arguments": recorded_arguments(args), "versions": package_versions(VERSIONED_PACKAGES)}
+    # One writer per folder: a second run exits here naming this one. Temporaries of a
+    # killed run (a partial tar among them) are removed once no live run can own them.
+    with exclusive_lock(args.out, what="sharding run"):
+        remove_stale_temporaries(args.out)
+        return write_outputs(args, cohort.source, frame, exclusions)
 
+
+def write_outputs(args: argparse.Namespace, source: str, frame: pd.DataFrame, exclusions: pd.DataFrame) -> int:
+    out: Path = args.out
+    settings = shards.ImageSettings(size=args.size, quality=args.quality)
+    if not args.cohort_only:
+        shards.check_settings(out, settings, args.shard_size)  # a refused rerun changes nothing
+        # The manifest is written last, so a folder that has one is finished; this run may
+        # rewrite shards (moving offsets), so it goes first.
+        (out / "manifest.parquet").unlink(missing_ok=True)
+    write_parquet(out / "cohort.parquet", frame)
+    meta = {"source": source, "arguments": recorded_arguments(args), "versions": package_versions(VERSIONED_PACKAGES)}
     if args.cohort_only:
         write_csv(out / "exclusions.csv", exclusions)
         write_json(out / "meta.json", meta | {"counts": counts(frame, exclusions)})
         print(f"cohort: {len(frame)} images, {len(exclusions)} excluded -> {out}")
         return 0
 
-    settings = shards.ImageSettings(size=args.size, quality=args.quality)
     parts = shards.write_shards(
         frame, out, settings=settings, shard_size=args.shard_size, workers=args.workers, progress=not args.no_progress
     )

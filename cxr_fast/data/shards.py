@@ -5,12 +5,19 @@ Layout of `OUT/`:
   {split}-{NNNNNN}.idx   DALI `wds2idx` v1.2 index of the tar
   manifest.parquet       cohort rows that were written + shard, offset, nbytes, height, width
   cohort.parquet, exclusions.csv, meta.json
-  .parts/                one small JSON per finished shard (its manifest rows); the marker
-                         that makes a rerun after a crash skip that shard
+  .parts/plan.json       the settings every shard here was written with (size, quality, shard_size)
+  .parts/{split}-{NNNNNN}.json
+                         one small JSON per finished shard (its manifest rows and the digest
+                         of what it holds); the marker that makes a rerun skip that shard
 
 Which image goes into which shard is fixed by the cohort alone (sorted by key within a
 split, cut every `shard_size` images), so an interrupted run and a clean run agree. Tar
 headers carry no time or owner, JPEG encoding is deterministic, so reruns are byte-identical.
+
+A rerun with other image settings or shard size is refused. Otherwise a shard is rewritten
+when its digest (keys, every `{key}.json` payload, image settings) differs from its marker's,
+so a changed label or demographic reaches the tar; shards the cohort no longer has are
+removed. The source image behind a key is assumed unchanged: images are not hashed.
 """
 
 from __future__ import annotations
@@ -158,7 +165,7 @@ def _encode_task(job: tuple[str, str, ImageSettings]) -> EncodedImage:
 
 def plan_shards(cohort: pd.DataFrame, shard_size: int) -> list[ShardSpec]:
     if shard_size < 1:
-        raise CxrError(f"--shard-size must be >= 1, got {shard_size}")
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     specs = []
     for split in SPLITS:
         keys = sorted(cohort.loc[cohort["split"] == split, "key"])
@@ -167,35 +174,70 @@ def plan_shards(cohort: pd.DataFrame, shard_size: int) -> list[ShardSpec]:
     return specs
 
 
-def _plan_fingerprint(specs: list[ShardSpec], settings: ImageSettings) -> dict:
-    digest = hashlib.sha256()
-    for spec in specs:
-        digest.update(spec.name.encode())
-        digest.update("\n".join(spec.keys).encode())
-    return {"settings": dataclasses.asdict(settings), "shards": len(specs), "keys_sha256": digest.hexdigest()}
+def plan_settings(settings: ImageSettings, shard_size: int) -> dict:
+    """What `.parts/plan.json` records: the settings a rerun must share."""
+    return dataclasses.asdict(settings) | {"shard_size": shard_size}
 
 
-def _check_or_write_plan(out: Path, fingerprint: dict) -> None:
+def check_settings(out: Path, settings: ImageSettings, shard_size: int) -> None:
+    """Refuse a folder whose shards were written with other settings. Writes nothing."""
     plan_path = out / PARTS_DIR / PLAN_FILE
-    if plan_path.is_file():
-        previous = json.loads(plan_path.read_text())
-        if previous != fingerprint:
-            raise CxrError(
-                f"{out}: holds shards from a different cohort or image settings; "
-                "use another --out or delete it"
-            )
+    if not plan_path.is_file():
         return
-    write_json(plan_path, fingerprint)
+    previous, wanted = json.loads(plan_path.read_text()), plan_settings(settings, shard_size)
+    if previous != wanted:
+        differences = ", ".join(
+            f"--{name.replace('_', '-')} {previous.get(name, 'unrecorded')} there, {value} now"
+            for name, value in wanted.items() if previous.get(name) != value
+        )
+        raise CxrError(f"{out}: holds shards written with other settings ({differences}); "
+                       "use another --out or delete it")
+
+
+def shard_digest(payloads: list[bytes], settings: ImageSettings) -> str:
+    """Digest of everything a shard holds but the source images: keys and `{key}.json`
+    payloads (each carries its key) in order, and the image settings."""
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode())
+    for payload in payloads:
+        digest.update(b"\n" + payload)
+    return digest.hexdigest()
+
+
+def _marker_digest(out: Path, spec: ShardSpec) -> str | None:
+    marker = out / PARTS_DIR / f"{spec.name}.json"
+    return json.loads(marker.read_text()).get("digest") if marker.is_file() else None
+
+
+def _is_shard_name(stem: str) -> bool:
+    split, _, index = stem.rpartition("-")
+    return split in SPLITS and len(index) == 6 and index.isdigit()
+
+
+def _remove_unplanned_shards(out: Path, specs: list[ShardSpec]) -> None:
+    """Delete tars, indexes and markers of shards a changed cohort no longer has."""
+    planned = {spec.name for spec in specs}
+    for path in [*out.glob("*.tar"), *out.glob("*.idx"), *(out / PARTS_DIR).glob("*.json")]:
+        if _is_shard_name(path.stem) and path.stem not in planned:
+            path.unlink()
 
 
 # ---------------------------------------------------------------- writing one shard
 
 
-def sample_json(row: pd.Series) -> bytes:
-    """The `{key}.json` payload: labels (null = excluded from that task) and demographics."""
-    record = {field: _plain(row[field]) for field in SAMPLE_FIELDS}
-    record["labels"] = {task: _plain(row[task]) for task in TASKS}
-    return json.dumps(record, sort_keys=True).encode()
+def sample_payloads(rows: pd.DataFrame, keys: tuple[str, ...]) -> list[bytes]:
+    """The `{key}.json` payload of each key, in order: labels (null = excluded from that task)
+    and demographics. `rows` is the cohort indexed by key."""
+    part = rows.loc[list(keys)]
+    # Whole columns as Python values: a row-by-row pandas lookup would cost more than the
+    # JSON itself, and every run computes the payloads of every shard for its digest.
+    fields = [(field, part[field].tolist()) for field in SAMPLE_FIELDS]
+    labels = [(task, part[task].tolist()) for task in TASKS]
+    payloads = []
+    for row in range(len(part)):
+        record = {field: _plain(values[row]) for field, values in fields}
+        record["labels"] = {task: _plain(values[row]) for task, values in labels}
+        payloads.append(json.dumps(record, sort_keys=True).encode())
+    return payloads
 
 
 def _plain(value):
@@ -217,19 +259,20 @@ def _padded(size: int) -> int:
     return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
-def write_shard(out: Path, spec: ShardSpec, encoded: list[EncodedImage], rows: pd.DataFrame) -> dict:
-    """Write tar + idx + part file for one shard; return its part record."""
+def write_shard(out: Path, spec: ShardSpec, encoded: list[EncodedImage], payloads: list[bytes], digest: str) -> dict:
+    """Write tar + idx + part file for one shard (`payloads`: the `{key}.json` of each
+    encoded image, `digest`: its `shard_digest`); return its part record."""
     members: list[dict] = []
     unreadable: list[dict] = []
     index_lines: list[str] = []
     tar_path = out / f"{spec.name}.tar"
     with atomic_path(tar_path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for image in encoded:
+        for image, payload_json in zip(encoded, payloads, strict=True):
             if image.jpeg is None:
                 unreadable.append({"key": image.key, "reason": "unreadable", "detail": image.problem})
                 continue
             entries = []
-            for extension, payload in (("jpg", image.jpeg), ("json", sample_json(rows.loc[image.key]))):
+            for extension, payload in (("jpg", image.jpeg), ("json", payload_json)):
                 name = f"{image.key}.{extension}"
                 tar.addfile(_tar_member(name, len(payload)), io.BytesIO(payload))
                 offset = tar.offset - _padded(len(payload))
@@ -240,6 +283,7 @@ def write_shard(out: Path, spec: ShardSpec, encoded: list[EncodedImage], rows: p
             index_lines.append(" ".join(entries))
     if not members:
         tar_path.unlink()  # DALI cannot index an empty tar; the part records why
+        (out / f"{spec.name}.idx").unlink(missing_ok=True)  # left by an earlier version of this shard
     else:
         write_bytes(out / f"{spec.name}.idx", f"v1.2 {len(members)}\n{chr(10).join(index_lines)}\n".encode())
     part = {
@@ -247,6 +291,7 @@ def write_shard(out: Path, spec: ShardSpec, encoded: list[EncodedImage], rows: p
         "sha256": file_sha256(tar_path) if members else None,
         "members": members,
         "unreadable": unreadable,
+        "digest": digest,
     }
     write_json(out / PARTS_DIR / f"{spec.name}.json", part)
     return part
@@ -279,13 +324,17 @@ def write_shards(
     workers: int | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Write every shard not already finished; return the part records of all shards."""
+    """Write every shard that is missing or whose contents changed, remove those the cohort
+    no longer has; return the part records of all shards. Other settings are refused."""
     from tqdm import tqdm
 
+    check_settings(out, settings, shard_size)
     specs = plan_shards(cohort, shard_size)
-    _check_or_write_plan(out, _plan_fingerprint(specs, settings))
+    write_json(out / PARTS_DIR / PLAN_FILE, plan_settings(settings, shard_size))
+    _remove_unplanned_shards(out, specs)
     rows = cohort.set_index("key", drop=False)
-    todo = [spec for spec in specs if not (out / PARTS_DIR / f"{spec.name}.json").is_file()]
+    digests = {spec.name: shard_digest(sample_payloads(rows, spec.keys), settings) for spec in specs}
+    todo = [spec for spec in specs if _marker_digest(out, spec) != digests[spec.name]]
     workers = workers or os.cpu_count() or 1
     bar = tqdm(total=sum(len(s.keys) for s in todo), unit="img", desc="sharding", disable=not progress)
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 and todo else None
@@ -295,7 +344,7 @@ def write_shards(
             for image in _encoded_images(pool, rows, spec.keys, settings):
                 encoded.append(image)
                 bar.update()
-            write_shard(out, spec, encoded, rows)
+            write_shard(out, spec, encoded, sample_payloads(rows, spec.keys), digests[spec.name])
     finally:
         bar.close()
         if pool is not None:
