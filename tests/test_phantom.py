@@ -165,6 +165,14 @@ def test_the_cohort_builder_reads_the_tree_and_finds_the_planted_groups(trees):
 # ------------------------------------------------------------------------------ determinism and bias
 
 
+def test_gzip_tables_do_not_record_the_writing_process(trees):
+    """A gzip header names its file; the temporary's name holds the pid, which would differ per run."""
+    for name in CSV_FILES:
+        header = (trees["biased"] / name).read_bytes()[:64]
+        file_name = Path(name).name.removesuffix(".gz").encode()
+        assert b".tmp-" not in header and header[10:10 + len(file_name) + 1] == file_name + b"\0"
+
+
 def test_same_seed_gives_identical_files_whatever_the_workers(trees):
     assert _files(trees["biased"]) == _files(trees["serial"])
 
