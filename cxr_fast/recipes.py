@@ -101,7 +101,7 @@ class Config(Augmentation):
     device_memory_budget: float = setting(0.5, above=0, at_most=1)
     """Share of device memory `loader=auto` lets the resident loader use."""
     decode_threads: int = setting(0, at_least=0)
-    """JPEG decoding threads; 0: all cores."""
+    """JPEG decoding threads; 0: this process's share of its cores, capped (loading/workers.py)."""
     # ------------------------------------------------------------------ optimisation
     epochs: int = setting(500, above=0)
     """Epochs of balanced sampling (the majority downsampled to the minority each epoch)."""
