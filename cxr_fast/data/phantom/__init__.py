@@ -69,7 +69,6 @@ Deviations from the real MIMIC files (all deliberate)
   - admissions.csv.gz has a subset of MIMIC-IV's columns (no provider ids or ED times).
 """
 
-
 from cxr_fast.data.phantom.drawing import FINDING_CONTRAST_WHEN_HARD, FINDING_NOISE_SD_WHEN_HARD, draw_radiograph
 from cxr_fast.data.phantom.population import (FINDINGS, HARDER_AGE_GROUP, HARDER_RACE, UNCERTAIN_STRENGTH,
                                                PhantomTables, image_hardness, sample_tables)
