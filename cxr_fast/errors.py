@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import sys
 from typing import Callable, NoReturn
@@ -13,6 +14,25 @@ class CxrError(Exception):
     Raised anywhere in the library; the command-line entry points turn it into one line on
     stderr and exit status 2, so tracebacks are kept for real bugs.
     """
+
+
+class SettingError(CxrError):
+    """A bad value of one named setting (a parameter name, not a flag).
+
+    Library code speaks of values; a command-line layer may reword `setting` as its own flag.
+    """
+
+    def __init__(self, setting: str, problem: str):
+        super().__init__(f"{setting} {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
+def require_int(setting: str, value: object, *, minimum: int) -> int:
+    """`value` as an int if it is an integer >= `minimum` (bool is not), else a SettingError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise SettingError(setting, f"must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 EXIT_USER_ERROR = 2

@@ -104,8 +104,9 @@ def write_csv(path: str | os.PathLike, frame: pd.DataFrame) -> None:
     path = Path(path)
     with atomic_path(path) as tmp:
         if path.suffix == ".gz":
-            # mtime=0 keeps gzip output byte-identical between runs.
-            with gzip.GzipFile(tmp, "wb", mtime=0) as handle:
+            # mtime=0 and the final name (not the temporary's, which holds the pid) in the
+            # header keep gzip output byte-identical between runs.
+            with open(tmp, "wb") as raw, gzip.GzipFile(path.name, "wb", fileobj=raw, mtime=0) as handle:
                 handle.write(frame.to_csv(index=False).encode())
         else:
             frame.to_csv(tmp, index=False)

@@ -2,14 +2,18 @@
 
 Every model is built with `in_chans=1, num_classes=1`: grayscale in, one logit out. timm
 adapts a pretrained RGB stem to one channel by summing its filters over colour.
+
+Everything about an arch is here, its recipe settings too (`Arch.settings`: a recipe layer
+between recipes/defaults.yaml and recipes/tasks.yaml, see cxr_fast/recipes.py).
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping
 
 from cxr_fast.errors import CxrError, one_line
 
@@ -24,43 +28,50 @@ class Arch:
     image_size: int         # native input size, px
     batch_size: int         # per-GPU default that fits an 80 GB H100 at native size in bf16
     study: bool = True      # one of the 19 architectures of the study
+    settings: Mapping[str, Any] = field(default_factory=dict, hash=False)  # recipe settings for this arch
 
     @property
     def pretrained_tag(self) -> str:
         return self.timm_name.partition(".")[2]
 
 
+# Large transformers (and the largest convnets) fine-tune better with a smaller step.
+_SMALLER_STEP = MappingProxyType({"lr": 5.0e-5})
+# CPU-sized nets have no pretrained weights and train from scratch: a larger step and far fewer epochs.
+_FROM_SCRATCH = MappingProxyType({"lr": 2.0e-3, "weight_decay": 0.01, "epochs": 30, "warmup_epochs": 0.5,
+                                  "pretrained": False})
+
 _STUDY = [
-    Arch("convnext_large", "convnext_large.fb_in1k", 224, 128),
+    Arch("convnext_large", "convnext_large.fb_in1k", 224, 128, settings=_SMALLER_STEP),
     Arch("convnext_base", "convnext_base.fb_in1k", 224, 192),
     # originally `convnext_base_384_in22ft1k` (deprecated alias)
-    Arch("convnext_base_384", "convnext_base.fb_in22k_ft_in1k_384", 384, 64),
+    Arch("convnext_base_384", "convnext_base.fb_in22k_ft_in1k_384", 384, 64, settings=_SMALLER_STEP),
     Arch("efficientnet_b0", "efficientnet_b0.ra_in1k", 224, 256),
     # originally `resmlp_36_distilled_224` (deprecated alias)
     Arch("resmlp_36", "resmlp_36_224.fb_distilled_in1k", 224, 192),
-    Arch("beit_base", "beit_base_patch16_224.in22k_ft_in22k_in1k", 224, 192),
+    Arch("beit_base", "beit_base_patch16_224.in22k_ft_in22k_in1k", 224, 192, settings=_SMALLER_STEP),
     Arch("levit_256", "levit_256.fb_dist_in1k", 224, 256),
     Arch("levit_384", "levit_384.fb_dist_in1k", 224, 256),
     Arch("regnety_008", "regnety_008.pycls_in1k", 224, 256),
     Arch("densenet121", "densenet121.tv_in1k", 224, 192),
     Arch("convnext_tiny", "convnext_tiny.fb_in1k", 224, 256),
-    Arch("vit_base", "vit_base_patch16_224.augreg2_in21k_ft_in1k", 224, 192),
+    Arch("vit_base", "vit_base_patch16_224.augreg2_in21k_ft_in1k", 224, 192, settings=_SMALLER_STEP),
     Arch("mobilevit_xs", "mobilevit_xs.cvnets_in1k", 256, 256),
     Arch("deit3_small", "deit3_small_patch16_224.fb_in1k", 224, 256),
     Arch("efficientformer_l1", "efficientformer_l1.snap_dist_in1k", 224, 256),
     Arch("mixer_b16", "mixer_b16_224.goog_in21k_ft_in1k", 224, 192),
     Arch("resnet50", "resnet50.a1_in1k", 224, 256),
-    Arch("beit_large", "beit_large_patch16_224.in22k_ft_in22k_in1k", 224, 64),
-    Arch("swin_base", "swin_base_patch4_window7_224.ms_in22k_ft_in1k", 224, 128),
+    Arch("beit_large", "beit_large_patch16_224.in22k_ft_in22k_in1k", 224, 64, settings={"lr": 2.0e-5}),
+    Arch("swin_base", "swin_base_patch4_window7_224.ms_in22k_ft_in1k", 224, 128, settings=_SMALLER_STEP),
 ]
 
 # CPU-sized models for demos and tests: timm's `test_*` nets (a few hundred k parameters),
-# trained from scratch at 64 px (recipes/archs.yaml turns pretrained off for them).
+# trained from scratch at 64 px.
 _SMALL = [
-    Arch("test_resnet", "test_resnet", 64, 64, study=False),
-    Arch("test_convnext", "test_convnext", 64, 64, study=False),
-    Arch("test_efficientnet", "test_efficientnet", 64, 64, study=False),
-    Arch("test_vit", "test_vit", 64, 64, study=False),
+    Arch("test_resnet", "test_resnet", 64, 64, study=False, settings=_FROM_SCRATCH),
+    Arch("test_convnext", "test_convnext", 64, 64, study=False, settings=_FROM_SCRATCH),
+    Arch("test_efficientnet", "test_efficientnet", 64, 64, study=False, settings=_FROM_SCRATCH),
+    Arch("test_vit", "test_vit", 64, 64, study=False, settings={**_FROM_SCRATCH, "lr": 1.0e-3}),
 ]
 
 ARCHS: dict[str, Arch] = {arch.slug: arch for arch in _STUDY + _SMALL}

@@ -1,19 +1,22 @@
 """Recipes: `{task}_{arch}` -> one frozen, typed, validated training config.
 
 Settings compose, later wins:
-    Config defaults  <-  recipes/defaults.yaml  <-  recipes/archs.yaml[arch]
+    Config defaults  <-  recipes/defaults.yaml  <-  the arch's settings (cxr_fast/models.py)
       <-  recipes/tasks.yaml[task]  <-  recipes/<recipe>.yaml  <-  `key=value` arguments
-An unknown key, a value of the wrong type or an unknown recipe is a CxrError naming it.
+An unknown key, a value of the wrong type or out of range, or an unknown recipe is a
+one-line CxrError naming it. Each setting is declared once, below, with its type (a
+`Literal` lists its allowed values), its range (`setting(..., at_least=...)`) and what it means.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 
@@ -25,50 +28,126 @@ RECIPES_DIR = Path(os.environ.get("CXR_FAST_RECIPES", Path(__file__).resolve().p
 
 
 @dataclass(frozen=True)
-class Config:
+class Bounds:
+    """The allowed range of a numeric setting; `also` are special values outside it (0: automatic)."""
+
+    above: float | None = None
+    at_least: float | None = None
+    at_most: float | None = None
+    also: tuple[float, ...] = ()
+
+    def allows(self, value: float) -> bool:
+        if value in self.also:
+            return True
+        return ((self.above is None or value > self.above) and (self.at_least is None or value >= self.at_least)
+                and (self.at_most is None or value <= self.at_most))
+
+    def describe(self) -> str:
+        if self.above is not None and self.at_most is not None:
+            text = f"in ({self.above:g}, {self.at_most:g}]"
+        elif self.at_least is not None and self.at_most is not None:
+            text = f"in [{self.at_least:g}, {self.at_most:g}]"
+        else:
+            text = f"> {self.above:g}" if self.above is not None else f">= {self.at_least:g}"
+        return text + "".join(f" (or {value:g})" for value in self.also)
+
+
+def setting(default: Any, *, above: float | None = None, at_least: float | None = None,
+            at_most: float | None = None, also: tuple[float, ...] = ()) -> Any:
+    """A field with a default and its allowed range, which `validate` enforces."""
+    return field(default=default, metadata={"bounds": Bounds(above, at_least, at_most, also)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Augmentation:
+    """Training augmentation (the same semantics in both loaders) and the evaluation crop.
+
+    The loaders' `AugmentSettings` is this plus the image size, so these defaults exist once.
+    """
+
+    crop_scale_min: float = setting(0.6, above=0, at_most=1)
+    """Random resized crop: the crop's share of the image area is drawn from [crop_scale_min, 1]."""
+    crop_ratio: float = setting(1.15, at_least=1)
+    """Random resized crop: the aspect ratio is drawn from [1/crop_ratio, crop_ratio]."""
+    rotate_degrees: float = setting(7.0, at_least=0)
+    """Rotation drawn from [-rotate_degrees, rotate_degrees] (the `affine` kernel only)."""
+    brightness: float = setting(0.1, at_least=0)
+    """Additive brightness jitter, in [0, 1] intensity units."""
+    contrast: float = setting(0.1, at_least=0)
+    """Multiplicative contrast jitter around each image's mean: 1 +- contrast."""
+    hflip: bool = False
+    """Random horizontal flip; off because a flip moves the heart to the other side."""
+    eval_crop: float = setting(0.875, above=0, at_most=1)
+    """Evaluation: resize to image_size / eval_crop, then centre-crop image_size ("resize 256, crop 224")."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(Augmentation):
+    """Everything one training run depends on, resolved from the recipe layers."""
+
     recipe: str
+    """`{task}_{arch}`; sets `task` and `arch`, which are not settings."""
     task: str
     arch: str
-    # data
+    # ------------------------------------------------------------------ data
     shards: str = "shards/phantom"
-    loader: str = "auto"              # auto | resident | dali
-    image_size: int = 0               # 0: the arch's native size
-    batch_size: int = 0               # 0: the arch's default
-    device_memory_budget: float = 0.5  # share of device memory `auto` lets the resident loader use
-    decode_threads: int = 0           # 0: all cores
-    # augmentation (the same semantics in both loaders)
-    crop_scale_min: float = 0.6       # random resized crop: area share in [min, 1]
-    crop_ratio: float = 1.15          # aspect ratio within [1/r, r]
-    rotate_degrees: float = 7.0
-    brightness: float = 0.1
-    contrast: float = 0.1
-    hflip: bool = False               # off: a flip moves the heart to the other side
-    eval_crop: float = 0.875          # eval: resize to image_size / eval_crop, centre crop
-    # optimisation
-    epochs: int = 500
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.01
-    grad_accum: int = 1
-    clip_grad: float = 1.0            # 0: no clipping
-    early_stopping: int = 0           # patience in epochs without a better val balanced accuracy; 0: off
-    max_steps_per_epoch: int = 0      # 0: the whole balanced epoch (benchmarks and smoke tests cap it)
-    # numerics and speed
-    precision: str = "auto"           # auto | bf16 | fp16 | fp32
+    """Folder of shards and manifest.parquet (tools/shard_dataset.py writes it)."""
+    loader: Literal["auto", "resident", "dali"] = "auto"
+    """`resident`: decoded images kept on the device; `dali`: streamed; `auto`: resident if it fits."""
+    image_size: int = setting(0, at_least=32, also=(0,))
+    """Model input side in px; 0: the arch's native size. Below 32 px nothing is left to learn."""
+    batch_size: int = setting(0, at_least=0)
+    """Per-device batch size; 0: the arch's default."""
+    device_memory_budget: float = setting(0.5, above=0, at_most=1)
+    """Share of device memory `loader=auto` lets the resident loader use."""
+    decode_threads: int = setting(0, at_least=0)
+    """JPEG decoding threads; 0: this process's share of its cores, capped (loading/workers.py)."""
+    # ------------------------------------------------------------------ optimisation
+    epochs: int = setting(500, above=0)
+    """Epochs of balanced sampling (the majority downsampled to the minority each epoch)."""
+    lr: float = setting(1e-4, above=0)
+    """Peak learning rate (AdamW), reached after warm-up."""
+    weight_decay: float = setting(0.05, at_least=0)
+    """AdamW weight decay."""
+    warmup_epochs: float = setting(1.0, at_least=0)
+    """Linear warm-up length, in epochs."""
+    min_lr_ratio: float = setting(0.01, at_least=0, at_most=1)
+    """Cosine decay floor as a share of `lr`."""
+    grad_accum: int = setting(1, above=0)
+    """Batches per optimiser step."""
+    clip_grad: float = setting(1.0, at_least=0)
+    """Gradient norm clipping; 0: no clipping."""
+    early_stopping: int = setting(0, at_least=0)
+    """Patience in epochs without a better validation balanced accuracy; 0: off."""
+    max_steps_per_epoch: int = setting(0, at_least=0)
+    """Cap on steps per epoch (benchmarks and smoke tests); 0: the whole balanced epoch."""
+    # ------------------------------------------------------------------ numerics and speed
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Autocast dtype; `auto`: bf16 where supported, else fp32."""
     channels_last: bool = True
-    compile: str = "auto"             # auto (on for CUDA) | on | off
+    """Memory format of the model and batches on CUDA."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile; `auto`: on for CUDA."""
     deterministic: bool = False
-    seed: int = 0
-    # model
+    """Deterministic kernels (slower): a resumed run matches an uninterrupted one bit for bit."""
+    seed: int = setting(0, at_least=0)
+    """Seeds the model initialisation, the epoch lists and the augmentation draws."""
+    # ------------------------------------------------------------------ model
     pretrained: bool = True
+    """Start from the arch's pretrained weights (Hugging Face hub)."""
     pretrained_file: str = ""
-    # outputs
+    """Local .safetensors/.pth weights to start from instead of the hub."""
+    # ------------------------------------------------------------------ outputs
     weights_dir: str = "weights"
+    """Checkpoints and best weights go to `weights_dir/<recipe>/`."""
     runs_dir: str = "runs"
-    logger: str = "wandb"             # wandb (offline without a login) | none
+    """Metrics logs go to `runs_dir/<recipe>/`."""
+    logger: Literal["wandb", "none"] = "wandb"
+    """`wandb` logs offline without a login; `none`: metrics.jsonl only."""
     wandb_project: str = "cxr_fast"
-    log_every: int = 50               # steps between progress updates (the only host syncs)
+    """W&B project name."""
+    log_every: int = setting(50, above=0)
+    """Steps between progress updates (the only host syncs)."""
 
     @property
     def resolved_image_size(self) -> int:
@@ -87,15 +166,10 @@ class Config:
         return Path(self.runs_dir) / self.recipe
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        return {key: values[key] for key in (*_IDENTITY, *values)}  # the recipe first, for readers
 
 
-CHOICES = {
-    "loader": ("auto", "resident", "dali"),
-    "precision": ("auto", "bf16", "fp16", "fp32"),
-    "compile": ("auto", "on", "off"),
-    "logger": ("wandb", "none"),
-}
 _FIELDS = {field.name: field for field in dataclasses.fields(Config)}
 _TYPES = typing.get_type_hints(Config)
 _IDENTITY = ("recipe", "task", "arch")
@@ -126,9 +200,12 @@ def recipe_from_legacy(label_index: str, arch: str) -> str:
 def load_config(recipe: str, overrides: Mapping[str, Any] | list[str] = (), *, recipes_dir: Path | None = None) -> Config:
     task, arch = split_recipe(recipe)
     folder = Path(recipes_dir or RECIPES_DIR)
+    if (folder / "archs.yaml").exists():
+        raise CxrError(f"{folder / 'archs.yaml'}: per-arch settings live in cxr_fast/models.py (Arch.settings); "
+                       "put per-recipe changes in <recipe>.yaml")
     layers: list[tuple[str, Mapping[str, Any]]] = [
         (str(folder / "defaults.yaml"), _read_yaml(folder / "defaults.yaml")),
-        (f"{folder / 'archs.yaml'}[{arch}]", _read_yaml(folder / "archs.yaml").get(arch) or {}),
+        (f"cxr_fast/models.py[{arch}]", get_arch(arch).settings),
         (f"{folder / 'tasks.yaml'}[{task}]", _read_yaml(folder / "tasks.yaml").get(task) or {}),
         (str(folder / f"{recipe}.yaml"), _read_yaml(folder / f"{recipe}.yaml")),
         ("command line", parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)),
@@ -168,7 +245,7 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
         raise CxrError(f"{origin}: {key!r} is set by the recipe name, not a setting")
     if key not in _FIELDS:
         raise CxrError(f"{origin}: unknown setting {key!r}")
-    kind = _TYPES[key]
+    kind = _base_type(_TYPES[key])
     try:
         if kind is bool:
             return _to_bool(value)
@@ -192,25 +269,20 @@ def _to_bool(value: Any) -> bool:
     raise ValueError(value)
 
 
+def _base_type(kind: Any) -> type:
+    """`Literal["a", "b"]` -> str; other types as they are."""
+    return type(typing.get_args(kind)[0]) if typing.get_origin(kind) is Literal else kind
+
+
 def validate(config: Config) -> Config:
-    for key, allowed in CHOICES.items():
-        if getattr(config, key) not in allowed:
-            raise CxrError(f"setting {key!r} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
-    positive = ("epochs", "lr", "grad_accum", "log_every")
-    for key in positive:
-        if getattr(config, key) <= 0:
-            raise CxrError(f"setting {key!r} must be > 0, got {getattr(config, key)!r}")
-    non_negative = ("image_size", "batch_size", "weight_decay", "warmup_epochs", "clip_grad", "early_stopping",
-                    "max_steps_per_epoch", "rotate_degrees", "brightness", "contrast", "decode_threads")
-    for key in non_negative:
-        if getattr(config, key) < 0:
-            raise CxrError(f"setting {key!r} must be >= 0, got {getattr(config, key)!r}")
-    if not 0 < config.crop_scale_min <= 1:
-        raise CxrError(f"setting 'crop_scale_min' must be in (0, 1], got {config.crop_scale_min}")
-    if not 0 < config.eval_crop <= 1:
-        raise CxrError(f"setting 'eval_crop' must be in (0, 1], got {config.eval_crop}")
-    if config.crop_ratio < 1:
-        raise CxrError(f"setting 'crop_ratio' must be >= 1, got {config.crop_ratio}")
-    if not 0 < config.device_memory_budget <= 1:
-        raise CxrError(f"setting 'device_memory_budget' must be in (0, 1], got {config.device_memory_budget}")
+    """Every value within its field's allowed values, range and finite: else one line naming the key."""
+    for key, spec in _FIELDS.items():
+        value, kind = getattr(config, key), _TYPES[key]
+        if typing.get_origin(kind) is Literal and value not in typing.get_args(kind):
+            raise CxrError(f"setting {key!r} must be one of {', '.join(typing.get_args(kind))}, got {value!r}")
+        if kind is float and not math.isfinite(value):
+            raise CxrError(f"setting {key!r} must be a finite number, got {value!r}")
+        bounds = spec.metadata.get("bounds")
+        if bounds is not None and not bounds.allows(value):
+            raise CxrError(f"setting {key!r} must be {bounds.describe()}, got {value!r}")
     return config

@@ -16,6 +16,8 @@ from PIL import Image
 from cxr_fast.data import phantom
 from cxr_fast.data.cohort import build_cohort
 from cxr_fast.data.phantom import draw_radiograph, generate_phantom, sample_tables
+from cxr_fast.data.phantom.__main__ import main as phantom_main
+from cxr_fast.data.phantom.truth import prevalence as cohort_prevalence
 from cxr_fast.errors import CxrError, run_cli
 from cxr_fast.tasks import CHEXPERT_LABELS, TASKS
 
@@ -163,6 +165,14 @@ def test_the_cohort_builder_reads_the_tree_and_finds_the_planted_groups(trees):
 # ------------------------------------------------------------------------------ determinism and bias
 
 
+def test_gzip_tables_do_not_record_the_writing_process(trees):
+    """A gzip header names its file; the temporary's name holds the pid, which would differ per run."""
+    for name in CSV_FILES:
+        header = (trees["biased"] / name).read_bytes()[:64]
+        file_name = Path(name).name.removesuffix(".gz").encode()
+        assert b".tmp-" not in header and header[10:10 + len(file_name) + 1] == file_name + b"\0"
+
+
 def test_same_seed_gives_identical_files_whatever_the_workers(trees):
     assert _files(trees["biased"]) == _files(trees["serial"])
 
@@ -219,7 +229,7 @@ def test_label_sample_has_mimic_like_prevalences(big_sample):
     images = big_sample.images
     frontal = images[~images["lateral"] & images["labelled"]]
     labels = frontal[["subject_id", "study_id"]].merge(big_sample.chexpert, on=["subject_id", "study_id"], how="left")
-    prevalence = phantom._prevalence(labels)
+    prevalence = cohort_prevalence(labels)
     targets = {"cardiomegaly": 0.20, "effusion": 0.24, "edema": 0.12, "fracture": 0.025, "pneumonia": 0.10,
                "no_finding": 0.33}
     for task, target in targets.items():
@@ -383,7 +393,7 @@ def test_draw_radiograph_full_size_and_names():
 
 def test_cli_writes_a_phantom_and_prints_one_summary_line(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert phantom.main(["--out", str(out), "--n-images", "12", "--seed", "1", "--image-size", "32",
+    assert phantom_main(["--out", str(out), "--n-images", "12", "--seed", "1", "--image-size", "32",
                          "--workers", "1", "--no-bias"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and "12 images" in lines[0] and " s " in lines[0]
@@ -393,9 +403,20 @@ def test_cli_writes_a_phantom_and_prints_one_summary_line(tmp_path, capsys):
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(phantom.main, ["--out", str(tmp_path / "x"), "--n-images", "0"])
+        run_cli(phantom_main, ["--out", str(tmp_path / "x"), "--n-images", "0"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: --n-images")
+
+
+def test_library_errors_name_the_value_and_the_cli_names_its_flag(tmp_path, capsys):
+    with pytest.raises(CxrError, match=r"^image_size must be an integer >= 16, got 8$"):
+        generate_phantom(tmp_path / "lib", n_images=3, image_size=8, workers=1)
+    with pytest.raises(CxrError, match=r"^seed must be an integer >= 0, got -1$"):
+        sample_tables(3, seed=-1)
+    with pytest.raises(SystemExit):
+        run_cli(phantom_main, ["--out", str(tmp_path / "cli"), "--n-images", "3", "--image-size", "8"])
+    assert capsys.readouterr().err == "error: --image-size must be an integer >= 16, got 8\n"
+    assert not (tmp_path / "lib").exists() and not (tmp_path / "cli").exists()
 
 
 def test_refuses_a_foreign_folder_and_cleans_an_old_phantom(tmp_path):

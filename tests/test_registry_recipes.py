@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import numpy as np
 import pytest
 import torch
 
 from cxr_fast.errors import CxrError
+from cxr_fast.loading.augment import AugmentSettings
 from cxr_fast.loading.sampler import balanced_epoch, rank_share
 from cxr_fast.models import ARCHS, STUDY_ARCHS, build_model, get_arch, list_archs
-from cxr_fast.recipes import all_recipes, load_config, recipe_from_legacy, split_recipe
+from cxr_fast.recipes import Augmentation, Config, all_recipes, load_config, recipe_from_legacy, split_recipe
 from cxr_fast.tasks import TASKS
 from cxr_fast.train import lr_at
 
@@ -74,18 +78,26 @@ def test_every_recipe_resolves_to_a_valid_config():
 def test_study_defaults_follow_the_original_study():
     config = load_config("effusion_convnext_large")
     assert config.epochs == 500 and config.early_stopping == 0 and config.pretrained
-    assert config.lr == 5e-5  # recipes/archs.yaml
+    assert config.lr == 5e-5  # the arch's settings in cxr_fast/models.py
 
 
 def test_recipe_layers_compose_in_order(tmp_path):
-    (tmp_path / "defaults.yaml").write_text("epochs: 10\nlr: 0.1\nseed: 3\n")
-    (tmp_path / "archs.yaml").write_text("resnet50: {lr: 0.2, batch_size: 8}\n")
+    (tmp_path / "defaults.yaml").write_text("epochs: 10\nlr: 0.1\nseed: 3\nweight_decay: 0.2\n")
     (tmp_path / "tasks.yaml").write_text("edema: {lr: 0.3}\n")
-    (tmp_path / "edema_resnet50.yaml").write_text("weight_decay: 0.5\n")
-    config = load_config("edema_resnet50", ["seed=7"], recipes_dir=tmp_path)
-    assert (config.epochs, config.lr, config.batch_size, config.weight_decay, config.seed) == (10, 0.3, 8, 0.5, 7)
-    other = load_config("effusion_resnet50", recipes_dir=tmp_path)
-    assert other.lr == 0.2 and other.weight_decay == 0.05
+    (tmp_path / "edema_test_resnet.yaml").write_text("weight_decay: 0.5\n")
+    config = load_config("edema_test_resnet", ["seed=7"], recipes_dir=tmp_path)
+    assert (config.epochs, config.lr, config.weight_decay, config.seed) == (30, 0.3, 0.5, 7)
+    other = load_config("effusion_test_resnet", recipes_dir=tmp_path)  # the arch's settings beat defaults.yaml
+    assert (other.epochs, other.lr, other.weight_decay, other.pretrained) == (30, 2e-3, 0.01, False)
+    assert load_config("effusion_resnet50", recipes_dir=tmp_path).lr == 0.1
+
+
+def test_every_arch_setting_is_a_known_setting_and_an_archs_file_is_refused(tmp_path):
+    for arch in ARCHS.values():
+        assert set(arch.settings) <= {spec.name for spec in dataclasses.fields(Config)}, arch.slug
+    (tmp_path / "archs.yaml").write_text("resnet50: {lr: 0.2}\n")
+    with pytest.raises(CxrError, match="archs.yaml: per-arch settings live in cxr_fast/models.py"):
+        load_config("edema_resnet50", recipes_dir=tmp_path)
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -95,12 +107,45 @@ def test_recipe_layers_compose_in_order(tmp_path):
     (["hflip=maybe"], "setting 'hflip' expects bool"),
     (["loader=ram"], "setting 'loader' must be one of"),
     (["epochs=0"], "'epochs' must be > 0"),
+    (["image_size=7"], r"^setting 'image_size' must be >= 32 \(or 0\), got 7$"),
+    (["image_size=1"], "setting 'image_size' must be >= 32"),
+    (["lr=nan"], r"^setting 'lr' must be a finite number, got nan$"),
+    (["lr=-inf"], "setting 'lr' must be a finite number"),
+    (["warmup_epochs=inf"], "setting 'warmup_epochs' must be a finite number"),
+    (["device_memory_budget=nan"], "setting 'device_memory_budget' must be a finite number"),
+    (["crop_scale_min=0"], r"setting 'crop_scale_min' must be in \(0, 1\], got 0.0"),
+    (["min_lr_ratio=1.5"], r"setting 'min_lr_ratio' must be in \[0, 1\]"),
+    (["seed=-1"], "setting 'seed' must be >= 0"),
     (["task=edema"], "set by the recipe name"),
     (["lr"], "expected key=value"),
 ])
 def test_config_errors_name_the_setting(override, message):
-    with pytest.raises(CxrError, match=message):
+    with pytest.raises(CxrError, match=message) as error:
         load_config("edema_resnet50", override)
+    assert "\n" not in str(error.value)
+
+
+def test_every_float_setting_refuses_nan_and_infinity():
+    floats = [spec.name for spec in dataclasses.fields(Config) if typing.get_type_hints(Config)[spec.name] is float]
+    assert len(floats) >= 10
+    for key in floats:
+        for value in ("nan", "inf", "-inf"):
+            with pytest.raises(CxrError, match=f"^setting '{key}' must be a finite number"):
+                load_config("edema_resnet50", [f"{key}={value}"])
+
+
+def test_image_size_zero_is_the_native_size_and_32_is_the_smallest():
+    assert load_config("edema_test_resnet", ["image_size=0"]).resolved_image_size == 64
+    assert load_config("edema_test_resnet", ["image_size=32"]).resolved_image_size == 32
+
+
+def test_augment_settings_take_every_augmentation_setting_from_the_config():
+    config = load_config("edema_test_resnet", ["crop_ratio=1.3", "hflip=true", "eval_crop=0.5", "image_size=48"])
+    settings = AugmentSettings.from_config(config)
+    assert (settings.crop_ratio, settings.hflip, settings.eval_crop, settings.image_size) == (1.3, True, 0.5, 48)
+    defaults = AugmentSettings(image_size=48)
+    for spec in dataclasses.fields(Augmentation):
+        assert getattr(defaults, spec.name) == getattr(load_config("edema_test_resnet"), spec.name), spec.name
 
 
 def test_bad_yaml_names_the_file(tmp_path):

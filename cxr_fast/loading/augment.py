@@ -23,21 +23,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cxr_fast.recipes import Augmentation, Config
+
 # ImageNet statistics averaged over RGB: pretrained stems summed to one channel expect them.
 MEAN = 0.449
 STD = 0.226
 
 
-@dataclass(frozen=True)
-class AugmentSettings:
+@dataclass(frozen=True, kw_only=True)
+class AugmentSettings(Augmentation):
+    """A config's augmentation settings (defaults and meaning: `Augmentation`) at one image size."""
+
     image_size: int
-    crop_scale_min: float = 0.6
-    crop_ratio: float = 1.15
-    rotate_degrees: float = 7.0
-    brightness: float = 0.1
-    contrast: float = 0.1
-    hflip: bool = False
-    eval_crop: float = 0.875
+    """Side of the model input, px."""
 
     @property
     def load_size(self) -> int:
@@ -45,13 +43,9 @@ class AugmentSettings:
         return max(self.image_size, round(self.image_size / self.eval_crop))
 
     @classmethod
-    def from_config(cls, config) -> "AugmentSettings":
-        return cls(
-            image_size=config.resolved_image_size, crop_scale_min=config.crop_scale_min,
-            crop_ratio=config.crop_ratio, rotate_degrees=config.rotate_degrees,
-            brightness=config.brightness, contrast=config.contrast, hflip=config.hflip,
-            eval_crop=config.eval_crop,
-        )
+    def from_config(cls, config: Config) -> "AugmentSettings":
+        shared = {spec.name: getattr(config, spec.name) for spec in dataclasses.fields(Augmentation)}
+        return cls(image_size=config.resolved_image_size, **shared)
 
 
 @dataclass(frozen=True)
