@@ -171,11 +171,12 @@ def test_resume_refuses_a_kill_after_the_last_epoch(phantom_shards, tmp_path):
         kill_and_resume(phantom_shards, tmp_path, epochs=2, kill_after_epoch=2)
 
 
-def test_gpu_check_script_parses():
+def test_gpu_check_script_is_the_python_command():
     script = ROOT / "tools" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
-    assert usage.returncode == 2 and "usage" in usage.stderr
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin",
+                                                                                      "PYTHON": sys.executable})
+    assert usage.returncode == 2 and "gpu-check" in usage.stderr and "out_dir" in usage.stderr
 
 
 def test_make_bench_target():

@@ -6,6 +6,7 @@
                                    [--compile] [--no-channels-last] [--precision bf16|fp16|fp32|auto] [--json PATH]
     python -m cxr_fast.bench resume --shards DIR [--compare] [key=value ...]  # kill -9 after a checkpoint, rerun, check
     python -m cxr_fast.bench suite                  # `make bench`: the CPU suite -> benchmarks/results + BENCHMARKS.md
+    python -m cxr_fast.bench gpu-check OUT_DIR [--tiny]  # the GPU path end to end, < 10 min on one H100/H200
 
 `data`: images/s of augmented training batches delivered on the training device (float,
 normalised, [B, 1, S, S]) by
@@ -28,7 +29,7 @@ the same with `--loader synthetic` (one batch already on the device, repeated): 
 set by the model itself. Efficiency = real / synthetic. The two are timed in alternating
 blocks so drift on a shared machine hits both alike.
 
-`resume` (used by tools/gpu_check.sh and the tests): start `python -m cxr_fast.train`, kill -9 it
+`resume` (used by gpu-check and the tests): start `python -m cxr_fast.train`, kill -9 it
 right after an epoch's checkpoint, rerun the same command, check that it resumes there and logs
 every epoch once; with `--compare`, also that its weights are bit-identical to an
 uninterrupted run's.
@@ -37,5 +38,5 @@ Timing: CUDA events on a GPU, perf_counter after synchronisation on a CPU. Every
 records the machine, CPU, GPU, library versions and the exact command.
 
 Modules: machine (where, when, clocks), records (the typed results and their JSON), data,
-train, resume, suite (the commands), report (BENCHMARKS.md), __main__ (the command line).
+train, resume, suite, gpu_check (the commands), report (BENCHMARKS.md), __main__ (the command line).
 """

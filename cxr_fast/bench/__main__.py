@@ -9,13 +9,14 @@ from pathlib import Path
 
 import cxr_fast.bench
 from cxr_fast.bench.data import LOADERS, WORKDIR, bench_data
+from cxr_fast.bench.gpu_check import PARTS, GpuCheckResult, gpu_check
 from cxr_fast.bench.machine import command_line
 from cxr_fast.bench.records import Record
 from cxr_fast.bench.report import MARKDOWN
 from cxr_fast.bench.resume import kill_and_resume
 from cxr_fast.bench.suite import RESULTS_DIR, run_suite
 from cxr_fast.bench.train import PRECISIONS, TRAIN_LOADERS, bench_train
-from cxr_fast.errors import run_cli
+from cxr_fast.errors import CxrError, run_cli
 from cxr_fast.io import write_json
 
 
@@ -43,6 +44,14 @@ def run_suite_command(args: argparse.Namespace, argv: list[str]) -> Record:
     result, _path_written = run_suite(run_command, out_dir=Path(args.out), markdown=_path(args.markdown),
                                       quick=args.quick, loaders=args.loaders, workdir=Path(args.workdir), argv=argv)
     return result
+
+
+def run_gpu_check(args: argparse.Namespace, argv: list[str]) -> Record:
+    parts = tuple(name.strip() for name in args.parts.split(",") if name.strip())
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise CxrError(f"unknown gpu-check part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    return gpu_check(Path(args.out_dir), tiny=args.tiny, parts=parts, workdir=_path(args.workdir), argv=argv)
 
 
 def _path(value: str | None) -> Path | None:
@@ -99,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("settings", nargs="*", help="extra key=value training settings (e.g. image_size=64)")
     resume.set_defaults(handler=run_resume)
 
+    check = commands.add_parser("gpu-check", help="the GPU path end to end in < 10 min -> OUT_DIR/gpu-check.json")
+    check.add_argument("out_dir")
+    check.add_argument("--tiny", action="store_true", help="tiny settings, on the CPU too (tests)")
+    check.add_argument("--parts", default=",".join(PARTS), help="restrict the parts (comma-separated)")
+    check.add_argument("--workdir", help="phantom, shards and runs (default: OUT_DIR/work)")
+    check.set_defaults(handler=run_gpu_check)
+
     suite = commands.add_parser("suite", help="the CPU suite of `make bench`")
     suite.add_argument("--out", default=str(RESULTS_DIR), help="folder for <machine>-<date>.json")
     suite.add_argument("--markdown", default=str(MARKDOWN), help="regenerate the table in this file ('' to skip)")
@@ -122,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "json", None):
         write_json(Path(args.json), result.to_json())
         print(f"bench: wrote {args.json}", file=sys.stderr)
+    if isinstance(result, GpuCheckResult) and any(part.status == "failed" for part in result.parts.values()):
+        return 1
     return 0
 
 

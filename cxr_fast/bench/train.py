@@ -28,7 +28,7 @@ def bench_train(*, arch: str, loader: str = "resident", image_size: int = 0, bat
                 argv: list[str]) -> TrainResult:
     """`steps` training steps per timed block, `repeats` blocks per stream after `warmup` steps
     (compilation happens there). image_size / batch_size 0: the arch's own. `argv`: recorded."""
-    from cxr_fast.loading import choose_loader, make_loader
+    from cxr_fast.loading import choose_loader, make_loader, with_shards_resolved
     from cxr_fast.loading.sampler import balanced_epoch
     from cxr_fast.recipes import load_config
     from cxr_fast.train import compile_model, labelled_batches, load_task_data, make_accelerator, prepare_model, train_step
@@ -45,6 +45,8 @@ def bench_train(*, arch: str, loader: str = "resident", image_size: int = 0, bat
     if batch_size:
         overrides["batch_size"] = batch_size
     config = load_config(f"effusion_{arch}", overrides)
+    if real:
+        config = with_shards_resolved(config)
     accelerator = make_accelerator(config.precision)
     device = accelerator.device
     settings = AugmentSettings.from_config(config)
