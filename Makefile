@@ -19,6 +19,10 @@ SHARDS ?= shards/mimic
 else
 SHARDS ?= shards/phantom
 endif
+# The recipes that load more than 256 px (e.g. convnext_base_384: 439 px) read a second set at
+# 448 px; runs pick the smallest listed set stored at >= their load size (shards=A,B).
+LARGE_SHARD_PX ?= 448
+LARGE_SHARDS ?= $(SHARDS)-$(LARGE_SHARD_PX)
 # The demo: three CPU-sized archs x six tasks, a few epochs each at 64 px.
 DEMO_ARCHS ?= test_resnet,test_convnext,test_efficientnet
 DEMO_EPOCHS ?= 6
@@ -63,16 +67,21 @@ bench: setup dirs
 ifdef MIMIC_CXR
 shards: setup dirs
 	$(PY) tools/shard_dataset.py --source mimic --root $(MIMIC_CXR) $(if $(MIMIC_IV),--demographics $(MIMIC_IV)) --out $(SHARDS) --size 256
+	$(PY) tools/shard_dataset.py --source mimic --root $(MIMIC_CXR) $(if $(MIMIC_IV),--demographics $(MIMIC_IV)) --out $(LARGE_SHARDS) --size $(LARGE_SHARD_PX)
 else
-shards: setup dirs $(SHARDS)/manifest.parquet
+shards: setup dirs $(SHARDS)/manifest.parquet $(LARGE_SHARDS)/manifest.parquet
 $(PHANTOM_DIR)/phantom_truth.json:
 	$(PY) -m cxr_fast.data.phantom --out $(PHANTOM_DIR) --n-images $(PHANTOM_IMAGES) --seed $(PHANTOM_SEED)
 $(SHARDS)/manifest.parquet: $(PHANTOM_DIR)/phantom_truth.json
 	$(PY) tools/shard_dataset.py --source mimic --root $(PHANTOM_DIR)/mimic-cxr-jpg \
 	    --demographics $(PHANTOM_DIR)/mimic-iv --out $(SHARDS) --size 256 --shard-size $(SHARD_SIZE)
+$(LARGE_SHARDS)/manifest.parquet: $(PHANTOM_DIR)/phantom_truth.json
+	$(PY) tools/shard_dataset.py --source mimic --root $(PHANTOM_DIR)/mimic-cxr-jpg \
+	    --demographics $(PHANTOM_DIR)/mimic-iv --out $(LARGE_SHARDS) --size $(LARGE_SHARD_PX) --shard-size $(SHARD_SIZE)
 endif
 
-demo: shards
+# The demo's archs train at 64 px: the 256 px set serves them, the 448 px one is not needed.
+demo: setup dirs $(if $(MIMIC_CXR),,$(SHARDS)/manifest.parquet)
 	$(PY) -m cxr_fast.sweep --in-process --tasks all --archs $(DEMO_ARCHS) shards=$(SHARDS) epochs=$(DEMO_EPOCHS) logger=none
 	$(PY) -m cxr_fast.predict --all --split test shards=$(SHARDS)
 	$(PY) -m cxr_fast.analyze --pred-dir all_pred --out $(DEMO_REPORT)

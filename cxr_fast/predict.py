@@ -19,7 +19,7 @@ import torch
 
 from cxr_fast.errors import CxrError, run_cli
 from cxr_fast.io import write_parquet
-from cxr_fast.loading import choose_loader, make_loader
+from cxr_fast.loading import choose_loader, make_loader, with_shards_resolved
 from cxr_fast.loading.augment import AugmentSettings
 from cxr_fast.loading.payloads import read_manifest
 from cxr_fast.models import build_model
@@ -48,7 +48,7 @@ def predict(recipe: str, overrides: dict | None = None, *, split: str = "test", 
     weights_dir = Path(overrides.get("weights_dir", load_config(recipe).weights_dir))
     record, weights = load_best(weights_dir / recipe, recipe)
     saved = {key: value for key, value in record["config"].items() if key not in ("recipe", "task", "arch")}
-    trained = load_config(recipe, saved | overrides)
+    trained = with_shards_resolved(load_config(recipe, saved | overrides))
     accelerator = make_accelerator(trained.precision)
     device = accelerator.device
 

@@ -90,8 +90,9 @@ class Config(Augmentation):
     task: str
     arch: str
     # ------------------------------------------------------------------ data
-    shards: str = "shards/phantom"
-    """Folder of shards and manifest.parquet (tools/shard_dataset.py writes it)."""
+    shards: str = "shards/phantom,shards/phantom-448"
+    """Folder(s) of shards and manifest.parquet (tools/shard_dataset.py writes them): one cohort
+    at several sizes, comma-separated; a run reads the smallest stored at >= its load size."""
     loader: Literal["auto", "resident", "dali"] = "auto"
     """`resident`: decoded images kept on the device; `dali`: streamed; `auto`: resident if it fits."""
     image_size: int = setting(0, at_least=32, also=(0,))

@@ -27,7 +27,7 @@ import torch
 
 from cxr_fast.errors import CxrError, run_cli
 from cxr_fast.io import atomic_path, write_json
-from cxr_fast.loading import choose_loader, make_loader
+from cxr_fast.loading import choose_loader, make_loader, with_shards_resolved
 from cxr_fast.loading.augment import AugmentSettings
 from cxr_fast.loading.payloads import read_manifest
 from cxr_fast.loading.sampler import balanced_epoch, rank_share
@@ -245,6 +245,7 @@ def train(config: Config, *, progress_bar: bool = True) -> dict:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(config.seed)
 
+    config = with_shards_resolved(config)
     train_data, val_data = load_task_data(config)
     settings = AugmentSettings.from_config(config)
     batch_size = config.resolved_batch_size

@@ -34,6 +34,17 @@ def device_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def with_shards_resolved(config):
+    """`config` with `shards` narrowed to the one listed folder that serves its load size
+    (payloads.resolve_shards): train, predict and bench read the same folder for the same recipe."""
+    import dataclasses
+
+    from cxr_fast.loading.payloads import resolve_shards
+
+    load_size = AugmentSettings.from_config(config).load_size
+    return dataclasses.replace(config, shards=str(resolve_shards(config.shards, load_size)))
+
+
 def choose_loader(requested: str, *, n_images: int, settings: AugmentSettings, device: torch.device, budget: float) -> str:
     from cxr_fast.loading.resident import ResidentLoader
 
