@@ -4,6 +4,7 @@
     python -m cxr_fast.sweep --tasks effusion,edema --archs 'convnext_*' epochs=100
     python -m cxr_fast.sweep --tasks all --archs all --dry-run       # print the commands
     python -m cxr_fast.sweep --tasks all --archs all --slurm study.sbatch
+    python -m cxr_fast.sweep --tasks all --archs all --plan [--throughput FILE] [--slurm study.sbatch]
 
 One run per visible GPU at a time (sequentially on a CPU). A recipe whose
 `weights/<recipe>/status.json` says finished is skipped; an interrupted one resumes, since
@@ -197,7 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slurm", type=Path, metavar="FILE", help="write an sbatch --array script instead of running")
     parser.add_argument("--gpus-per-task", type=int, default=1, help="with --slurm (default 1; 0: CPU jobs)")
     parser.add_argument("--cpus-per-task", type=int, default=0, help="with --slurm (default 8 per GPU, 8 for CPU jobs)")
-    parser.add_argument("--time", default="48:00:00", help="with --slurm: time limit per recipe")
+    parser.add_argument("--time", help="with --slurm: time limit per recipe (default 48:00:00; with --plan: "
+                                       "the longest recipe's estimate + 25%%)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print images per epoch, validation images and GPU-hours per recipe and in total")
+    parser.add_argument("--throughput", type=Path, metavar="FILE",
+                        help="with --plan: a bench results file (default: the newest in benchmarks/results for this device)")
     parser.add_argument("--partition", default="", help="with --slurm")
     parser.add_argument("--logs", type=Path, default=Path("runs/sweep"), help="one log per recipe (default runs/sweep)")
     parser.add_argument("--in-process", action="store_true",
@@ -225,8 +231,19 @@ def main(argv: list[str] | None = None) -> int:
 
         print_status(list(configs.values()), logs=args.logs, as_json=args.json)
         return 0
+    if args.plan:
+        from cxr_fast.study_plan import format_plan, slurm_time, study_plan
+
+        plans, source = study_plan(list(configs.values()), throughput=args.throughput)
+        print(format_plan(plans, source))
+        if args.slurm and not args.time:
+            args.time = slurm_time(plans)
+            print(f"--time {args.time}: the longest recipe + 25%" if args.time
+                  else "--time 48:00:00: some recipe has no throughput measurement to size it")
     if args.slurm:
         return write_slurm(args, recipes)
+    if args.plan:
+        return 0
 
     todo = [recipe for recipe in recipes if not is_finished(configs[recipe])]
     skipped = len(recipes) - len(todo)
@@ -256,7 +273,7 @@ def write_slurm(args: argparse.Namespace, recipes: list[str]) -> int:
         raise CxrError(f"{args.logs}: cannot create the log folder ({one_line(error)})") from error
     with atomic_path(args.slurm) as tmp:
         tmp.write_text(slurm_script(recipes, args.overrides, logs=args.logs, gpus_per_task=args.gpus_per_task,
-                                    cpus_per_task=cpus, time_limit=args.time, partition=args.partition))
+                                    cpus_per_task=cpus, time_limit=args.time or "48:00:00", partition=args.partition))
     print(f"wrote {args.slurm}: {len(recipes)} array tasks, logs in {args.logs}/; submit with: sbatch {args.slurm}")
     return 0
 

@@ -1,0 +1,150 @@
+"""`python -m cxr_fast.sweep --plan`: what the selected study costs on this machine, before it runs.
+
+Per recipe: images per balanced epoch (2 x the minority class of the task's train split),
+validation images, epochs (an upper bound: early stopping may end a run sooner) and hours,
+from measured `bench train` throughput (a results file of `bench train`, `bench suite` or
+`bench gpu-check`). Validation is counted at 3x the training rate (a forward pass without
+the backward); an arch without a measurement is shown as unknown and leaves the total open.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from cxr_fast.errors import CxrError, one_line
+from cxr_fast.recipes import Config
+
+RESULTS_DIR = Path("benchmarks/results")
+EVAL_SPEEDUP = 3.0      # forward only vs forward + backward
+SLURM_MARGIN = 1.25     # the array's --time: the longest recipe plus a quarter (start-up, checkpoints, a slow node)
+
+
+@dataclass
+class RecipePlan:
+    recipe: str
+    arch: str
+    epochs: int
+    images_per_epoch: int
+    validation_images: int
+    images_per_second: float | None
+
+    @property
+    def hours(self) -> float | None:
+        if not self.images_per_second:
+            return None
+        seconds = self.epochs * (self.images_per_epoch + self.validation_images / EVAL_SPEEDUP) / self.images_per_second
+        return seconds / 3600
+
+
+def throughput_entries(data: Any) -> Iterator[dict]:
+    """Every measured `bench train` record inside a results file, however it is nested."""
+    if isinstance(data, dict):
+        if data.get("kind") == "train" and isinstance(data.get("settings"), dict) and data.get("synthetic"):
+            yield data
+            return
+        for value in data.values():
+            yield from throughput_entries(value)
+    elif isinstance(data, list):
+        for value in data:
+            yield from throughput_entries(value)
+
+
+def read_throughput(path: Path) -> dict[str, float]:
+    """arch -> training images/s: the fastest real-loader median measured for it (else the synthetic one)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise CxrError(f"{path}: not a readable results file ({one_line(error)})") from error
+    rates: dict[str, float] = {}
+    for entry in throughput_entries(data):
+        measured = entry.get("real") or entry["synthetic"]
+        arch, rate = entry["settings"]["arch"], float(measured["images_per_second"]["median"])
+        rates[arch] = max(rates.get(arch, 0.0), rate)
+    if not rates:
+        raise CxrError(f"{path}: no `bench train` measurement in it")
+    return rates
+
+
+def newest_results(folder: Path = RESULTS_DIR, device: str | None = None) -> Path | None:
+    """The newest results file in `folder` with training measurements from this kind of device
+    (the GPU's name, or none for a CPU)."""
+    for path in sorted(folder.glob("*.json"), key=lambda item: item.stat().st_mtime, reverse=True):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        entries = list(throughput_entries(data))
+        gpus = {((entry.get("machine") or {}).get("gpu") or {}).get("name") for entry in entries}
+        if entries and (device in gpus if device else gpus == {None}):
+            return path
+    return None
+
+
+def this_device() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).name if torch.cuda.is_available() else None
+
+
+def recipe_plan(config: Config, rates: dict[str, float]) -> RecipePlan:
+    from cxr_fast.loading.payloads import read_manifest, resolve_shards
+
+    manifest = _manifest(resolve_shards(config.shards, 0), read_manifest)  # the label counts: any size of the cohort
+    if config.task not in manifest.columns:
+        raise CxrError(f"{config.shards}: the manifest has no column for task {config.task!r}")
+    labels = manifest[config.task]
+    train = labels[manifest["split"] == "train"].dropna().to_numpy()
+    minority = int(min(np.sum(train == 1), np.sum(train == 0)))
+    validation = int(labels[manifest["split"] == "val"].notna().sum())
+    per_epoch = 2 * minority
+    if config.max_steps_per_epoch:
+        per_epoch = min(per_epoch, config.max_steps_per_epoch * config.resolved_batch_size * config.grad_accum)
+    return RecipePlan(recipe=config.recipe, arch=config.arch, epochs=config.epochs, images_per_epoch=per_epoch,
+                      validation_images=validation, images_per_second=rates.get(config.arch))
+
+
+_MANIFESTS: dict[Path, Any] = {}
+
+
+def _manifest(folder: Path, read):
+    if folder not in _MANIFESTS:
+        _MANIFESTS[folder] = read(folder)
+    return _MANIFESTS[folder]
+
+
+def slurm_time(plans: list[RecipePlan]) -> str | None:
+    """The array's --time: the longest recipe's estimate with a margin, None if any is unknown."""
+    hours = [plan.hours for plan in plans]
+    if not plans or any(value is None for value in hours):
+        return None
+    minutes = max(10, math.ceil(max(hours) * SLURM_MARGIN * 60))
+    return f"{minutes // 60:02d}:{minutes % 60:02d}:00"
+
+
+def format_plan(plans: list[RecipePlan], source: Path | None) -> str:
+    lines = [f"{'recipe':<40} {'epoch img':>10} {'val img':>8} {'epochs':>6} {'img/s':>8} {'GPU-h':>8}"]
+    for plan in plans:
+        rate = f"{plan.images_per_second:.0f}" if plan.images_per_second else "unknown"
+        hours = f"{plan.hours:.2f}" if plan.hours is not None else "unknown"
+        lines.append(f"{plan.recipe:<40} {plan.images_per_epoch:>10,} {plan.validation_images:>8,} {plan.epochs:>6} "
+                     f"{rate:>8} {hours:>8}")
+    known = [plan.hours for plan in plans if plan.hours is not None]
+    unknown = sorted({plan.arch for plan in plans if plan.hours is None})
+    total = f"{sum(known):.2f} GPU-hours at most (epochs are an upper bound: early stopping ends runs sooner)"
+    lines.append(f"total: {len(plans)} recipes, {sum(p.images_per_epoch * p.epochs for p in plans):,} training images, "
+                 + total + (f" + unknown for {', '.join(unknown)} (no measurement: "
+                            "python -m cxr_fast.bench train --arch A --json FILE)" if unknown else ""))
+    lines.append(f"throughput: {source}" if source else "throughput: no results file for this device")
+    return "\n".join(lines)
+
+
+def study_plan(configs: list[Config], *, throughput: Path | None) -> tuple[list[RecipePlan], Path | None]:
+    source = throughput or newest_results(device=this_device())
+    rates = read_throughput(source) if source else {}
+    return [recipe_plan(config, rates) for config in configs], source

@@ -1,0 +1,76 @@
+"""`sweep --plan`: images per balanced epoch, validation images and hours from measured throughput."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cxr_fast.errors import CxrError
+from cxr_fast.sweep import main
+
+
+def fabricated_shards(folder: Path) -> Path:
+    """effusion: train 30 positives / 70 negatives / 5 unlabelled, val 20 labelled + 3 unlabelled."""
+    folder.mkdir(parents=True)
+    labels = [1.0] * 30 + [0.0] * 70 + [None] * 5 + [1.0] * 8 + [0.0] * 12 + [None] * 3
+    splits = ["train"] * 105 + ["val"] * 23
+    rows = pd.DataFrame({"key": [f"k{i}" for i in range(len(labels))], "split": splits, "shard": "train-000000.tar",
+                         "offset": 0, "nbytes": 1, "effusion": labels})
+    rows.to_parquet(folder / "manifest.parquet")
+    (folder / "meta.json").write_text(json.dumps({"arguments": {"size": 256}}))
+    return folder
+
+
+def throughput_file(path: Path, rates: dict[str, float]) -> Path:
+    def entry(arch, rate):
+        measured = {"images_per_second": {"median": rate, "min": rate, "max": rate, "spread": 0, "values": [rate]}}
+        return {"kind": "train", "command": "x", "settings": {"arch": arch}, "synthetic": measured, "real": measured,
+                "machine": {"gpu": None}}
+    path.write_text(json.dumps({"kind": "suite", "train": [entry(arch, rate) for arch, rate in rates.items()]}))
+    return path
+
+
+def test_plan_counts_images_and_hours(tmp_path, capsys):
+    shards = fabricated_shards(tmp_path / "shards")
+    rates = throughput_file(tmp_path / "rates.json", {"resnet50": 10.0})
+    assert main(["--tasks", "effusion", "--archs", "resnet50,densenet121", "--plan", "--throughput", str(rates),
+                 f"shards={shards}", "epochs=4"]) == 0
+    out = capsys.readouterr().out
+    resnet = next(line for line in out.splitlines() if line.startswith("effusion_resnet50"))
+    # 2 x 30 positives per epoch, 20 validation images at 3x the rate: 4 x (60 + 20/3) / 10 s = 26.7 s
+    assert resnet.split()[1:5] == ["60", "20", "4", "10"]
+    assert resnet.split()[5] == f"{4 * (60 + 20 / 3) / 10 / 3600:.2f}"
+    densenet = next(line for line in out.splitlines() if line.startswith("effusion_densenet121"))
+    assert densenet.split()[-2:] == ["unknown", "unknown"]
+    assert "unknown for densenet121" in out and str(rates) in out
+
+
+def test_plan_sizes_the_slurm_time(tmp_path, capsys):
+    shards = fabricated_shards(tmp_path / "shards")
+    rates = throughput_file(tmp_path / "rates.json", {"resnet50": 0.01})  # 4 x 66.7 / 0.01 s = 7.4 h
+    script = tmp_path / "study.sbatch"
+    assert main(["--tasks", "effusion", "--archs", "resnet50", "--plan", "--throughput", str(rates), "--slurm",
+                 str(script), "--logs", str(tmp_path / "logs"), f"shards={shards}", "epochs=4"]) == 0
+    hours = 4 * (60 + 20 / 3) / 0.01 / 3600 * 1.25
+    minutes = -(-round(hours * 60 * 1e6) // 10**6)
+    assert f"#SBATCH --time={minutes // 60:02d}:{minutes % 60:02d}:00" in script.read_text()
+
+
+def test_plan_without_measurement_for_any_arch_keeps_the_default_time(tmp_path, capsys):
+    shards = fabricated_shards(tmp_path / "shards")
+    rates = throughput_file(tmp_path / "rates.json", {"resnet50": 100.0})
+    script = tmp_path / "study.sbatch"
+    main(["--tasks", "effusion", "--archs", "densenet121", "--plan", "--throughput", str(rates), "--slurm",
+          str(script), "--logs", str(tmp_path / "logs"), f"shards={shards}"])
+    assert "#SBATCH --time=48:00:00" in script.read_text()
+
+
+def test_a_file_without_measurements_is_refused(tmp_path):
+    shards = fabricated_shards(tmp_path / "shards")
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    with pytest.raises(CxrError, match="empty.json: no `bench train` measurement"):
+        main(["--tasks", "effusion", "--archs", "resnet50", "--plan", "--throughput", str(empty), f"shards={shards}"])
