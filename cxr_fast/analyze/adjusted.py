@@ -44,7 +44,7 @@ Speed (240 fits for 6 tasks x 19 models at study scale): the attribute values, r
 term members of a class are computed once and shared by its outcomes; each fit runs on the
 distinct (covariate pattern, outcome) rows with frequency weights and statsmodels evaluates the
 per-image model at those estimates for the clustered covariance (fit_clustered); the 2x2
-statistics of all rows are computed at once on arrays (stats.py); tasks run in worker processes.
+statistics of all rows are computed at once on arrays (stats.py); tasks can run in processes.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ from __future__ import annotations
 import functools
 import itertools
 import multiprocessing
-import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 
@@ -88,13 +87,15 @@ COLUMNS = [
 @blas_single_threaded
 def adjusted_table(
     *, predictions: pd.DataFrame | None = None, tasks: list[TaskData] | None = None, threshold: float = 0.8,
-    min_count: int = 30, fdr: float = 0.05, level: float = 0.95, workers: int | None = None,
+    min_count: int = 30, fdr: float = 0.05, level: float = 0.95, workers: int = 1,
 ) -> pd.DataFrame:
     """One row per (scope, task, error kind, model, term): adjusted OR beside univariate OR.
 
-    `tasks` (task_data of the predictions) saves splitting `predictions` again. The tasks are
-    fitted in `workers` processes (default: one per usable core, at most one per task); the
-    table does not depend on how many."""
+    `tasks` (task_data of the predictions) saves splitting `predictions` again. With
+    `workers` > 1 the tasks are fitted in that many processes (the table does not depend on
+    how many). Starting them costs seconds (a fresh interpreter imports the analysis, and the
+    caller's main module must be import-safe): worth it on a many-core node, not on 2 shared
+    cores, where one task takes ~2 s of CPU."""
     tasks = task_data(predictions) if tasks is None else tasks
     settings = dict(threshold=threshold, min_count=min_count, level=level)
     rows = [row for task_rows in _map(functools.partial(task_rows, **settings), tasks, workers) for row in task_rows]
@@ -111,9 +112,9 @@ def adjusted_table(
     return table[COLUMNS]
 
 
-def _map(function, items: list, workers: int | None) -> list:
-    """function over items, in worker processes when there are several items and cores."""
-    workers = min(len(items), _usable_cores() if workers is None else workers)
+def _map(function, items: list, workers: int) -> list:
+    """function over items, in up to `workers` processes."""
+    workers = min(len(items), workers)
     if workers <= 1:
         return [function(item) for item in items]
     # Workers forked from a fresh server process (forking this one, which may hold BLAS or
@@ -122,11 +123,6 @@ def _map(function, items: list, workers: int | None) -> list:
     context.set_forkserver_preload([__name__])
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         return list(pool.map(function, items))
-
-
-def _usable_cores() -> int:
-    # As cxr_fast.loading.workers.usable_cores, which cannot be imported without torch.
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @blas_single_threaded
