@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
@@ -41,11 +42,14 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary sibling folder; if the block succeeds it replaces `path` whole
     (the old folder is moved aside, the new one renamed in, the old one deleted), otherwise it
     is deleted and `path` stays as it was. Readers see the old folder or the new one; a kill
-    between the two renames leaves `path` missing and the old one in `.NAME.old-PID`."""
+    between the two renames leaves `path` missing and the old one in `.NAME.old-PID`. Such
+    `.NAME.tmp-PID` / `.NAME.old-PID` folders of processes no longer running on this host
+    (a kill -9) are deleted by the next call for `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{TEMPORARY_MARK}{os.getpid()}")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    _remove_dead_folder_temporaries(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -61,6 +65,30 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_dead_folder_temporaries(path: Path) -> None:
+    """Delete atomic_folder's siblings of `path` whose process is gone (kill -9 mid-build)."""
+    name = re.compile(rf"\.{re.escape(path.name)}(?:{re.escape(TEMPORARY_MARK)}|\.old-)(\d+)")
+    for sibling in path.parent.iterdir():
+        match = name.fullmatch(sibling.name)
+        if match and sibling.is_dir() and not sibling.is_symlink() and not process_alive(int(match.group(1))):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (another user's counts as running)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, OSError):
+        return False
+    return True
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:

@@ -6,14 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import statsmodels.api as sm
 import statsmodels.formula.api as smf
 from fairlearn.metrics import MetricFrame, false_negative_rate, false_positive_rate
 from statsmodels.genmod.families import Binomial
 
 from cxr_fast.analyze import consistency_table, subgroup_table
-from cxr_fast.analyze.adjusted import adjusted_table
+from cxr_fast.analyze.adjusted import ClassImages, adjusted_table, build_design, term_column
+from cxr_fast.analyze.inputs import task_data
 from cxr_fast.analyze.report import format_q
 from cxr_fast.analyze.simulate import PlantedAgreement, PlantedMiss, simulate_predictions
+from cxr_fast.analyze.systematic import ERRORS
 
 SCENARIO = dict(tasks=("effusion",), n_images=3000, prevalence=0.4)
 
@@ -45,6 +48,43 @@ def test_adjusted_odds_ratios_equal_a_direct_statsmodels_fit():
     interval = np.exp(direct.conf_int().iloc[1:].to_numpy())
     np.testing.assert_allclose(rows[["ci_low", "ci_high"]].to_numpy(), interval, rtol=1e-6)
     np.testing.assert_allclose(rows["p_value"].to_numpy(), direct.pvalues.iloc[1:].to_numpy(), rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def two_tasks():
+    predictions = simulate_predictions(tasks=("effusion", "edema"), n_images=2500, images_per_subject=2.5,
+                                       planted=PlantedMiss(attribute="sex x race", group="F & Black"), seed=3)
+    return predictions, adjusted_table(predictions=predictions, workers=1)
+
+
+def test_fits_from_covariate_patterns_equal_statsmodels_fits_on_the_images(two_tasks):
+    predictions, table = two_tasks
+    compared = 0
+    for data in task_data(predictions):
+        for error, on_label in ERRORS.items():
+            in_class = data.label == on_label
+            images = ClassImages(data.images.loc[in_class].reset_index(drop=True), data.subject_index[in_class])
+            for m, arch in enumerate(data.archs):
+                rows = table[(table["task"] == data.task) & (table["error"] == error) & (table["model"] == arch)]
+                if rows["odds_ratio"].isna().all() or rows["note"].str.contains("after fitting").any():
+                    continue
+                wrong = ~data.correct[m][in_class]
+                design = build_design(images, wrong, min_count=30)
+                # The fit as statsmodels does it on every image, from its own starting values.
+                direct = sm.GLM(wrong[design.keep].astype(float), design.matrix, family=sm.families.Binomial()).fit(
+                    cov_type="cluster", cov_kwds={"groups": pd.factorize(images.clusters[design.keep])[0]})
+                fitted = rows[rows["odds_ratio"].notna()]
+                at = [design.names.index(term_column(a, g)) for a, g in zip(fitted["attribute"], fitted["group"])]
+                np.testing.assert_allclose(fitted["odds_ratio"], np.exp(direct.params[at]), rtol=1e-6)
+                np.testing.assert_allclose(fitted[["ci_low", "ci_high"]], np.exp(direct.conf_int()[at]), rtol=1e-6)
+                np.testing.assert_allclose(fitted["p_value"], direct.pvalues[at], rtol=1e-6)
+                compared += len(at)
+    assert compared > 100
+
+
+def test_the_table_does_not_depend_on_the_number_of_worker_processes(two_tasks):
+    predictions, table = two_tasks
+    pd.testing.assert_frame_equal(adjusted_table(predictions=predictions, workers=2), table)
 
 
 def _reference_sex(seed: int) -> str:
