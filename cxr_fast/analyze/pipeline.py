@@ -101,8 +101,8 @@ DEFINITIONS = {
 def analyze(*, pred_dir: str | Path, settings: Settings = Settings()) -> Analysis:
     """Load every prediction file of `pred_dir` and compute all tables.
 
-    Each task's arrays, groups and resample weights are built once and shared by the model,
-    subgroup and consistency tables (one task in memory at a time)."""
+    The predictions are split into per-task arrays once, shared by every table; each task's
+    resample weights are built once and shared by the model, subgroup and consistency tables."""
     settings.validate()
     predictions = load_predictions(pred_dir=pred_dir, split=settings.split)
     tasks = task_data(predictions)
@@ -117,10 +117,10 @@ def analyze(*, pred_dir: str | Path, settings: Settings = Settings()) -> Analysi
         "models": pd.concat(parts["models"], ignore_index=True),
         "subgroups": flag_subgroups(pd.concat(parts["subgroups"], ignore_index=True), fdr=settings.fdr),
         "consistency": consistency_frame(parts["consistency"], fdr=settings.fdr),
-        "systematic": systematic_table(predictions=predictions, threshold=settings.systematic_threshold,
+        "systematic": systematic_table(tasks=tasks, threshold=settings.systematic_threshold,
                                        min_count=settings.min_count, fdr=settings.fdr, level=settings.ci_level),
-        "systematic_images": systematic_images(predictions=predictions, threshold=settings.systematic_threshold),
-        "adjusted": adjusted_table(predictions=predictions, threshold=settings.systematic_threshold,
+        "systematic_images": systematic_images(tasks=tasks, threshold=settings.systematic_threshold),
+        "adjusted": adjusted_table(tasks=tasks, threshold=settings.systematic_threshold,
                                    min_count=settings.min_count, fdr=settings.fdr, level=settings.ci_level),
     }
     return Analysis(settings=settings, pred_dir=Path(pred_dir), predictions=predictions, tables=tables)

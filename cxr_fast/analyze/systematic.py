@@ -36,11 +36,13 @@ def is_systematic(data: TaskData, threshold: float) -> np.ndarray:
     return _share_wrong(data) >= threshold - 1e-9
 
 
-def systematic_images(*, predictions: pd.DataFrame, threshold: float = 0.8) -> pd.DataFrame:
+def systematic_images(*, predictions: pd.DataFrame | None = None, tasks: list[TaskData] | None = None,
+                       threshold: float = 0.8) -> pd.DataFrame:
     """Every systematically misclassified image, most consistently (then most confidently)
-    missed first, with its ids and demographics."""
+    missed first, with its ids and demographics. `tasks` (task_data of the predictions) saves
+    splitting `predictions` again."""
     frames = []
-    for data in task_data(predictions):
+    for data in task_data(predictions) if tasks is None else tasks:
         share = _share_wrong(data)
         mean_prob = data.prob.mean(axis=0)
         frame = data.images.assign(
@@ -57,7 +59,7 @@ def systematic_images(*, predictions: pd.DataFrame, threshold: float = 0.8) -> p
 
 
 def systematic_table(
-    *, predictions: pd.DataFrame, threshold: float = 0.8, min_count: int = 30, fdr: float = 0.05, level: float = 0.95,
+    *, predictions: pd.DataFrame | None = None, tasks: list[TaskData] | None = None, threshold: float = 0.8, min_count: int = 30, fdr: float = 0.05, level: float = 0.95,
 ) -> pd.DataFrame:
     """One row per (task, error kind, attribute, group): composition, odds ratio, test, flag.
 
@@ -66,10 +68,11 @@ def systematic_table(
     intersections) with >= min_count images of the relevant class (positives for false
     negatives, negatives for false positives) in the group AND in the rest, when the task has
     at least one systematic error of that kind (else there is nothing to test). Flagged =
-    q <= fdr and OR > 1 (the group is over-represented among systematic errors).
+    q <= fdr and OR > 1 (the group is over-represented among systematic errors). `tasks` as
+    for `systematic_images`.
     """
     rows = []
-    for data in task_data(predictions):
+    for data in task_data(predictions) if tasks is None else tasks:
         systematic = is_systematic(data, threshold)
         for error, on_label in ERRORS.items():
             in_class = data.label == on_label
