@@ -1,18 +1,12 @@
-"""The resume checkpoint `weights/<recipe>/last.pt`: written whole, read without running code,
-and resumed only by a run with the same settings.
+"""The resume checkpoint `weights/<recipe>/last.pt`: written whole, read without running code.
 
 `torch.load(weights_only=True)` rebuilds tensors, numbers, strings and containers only, so a
 `last.pt` received from someone else or planted on a shared disk cannot execute anything. The
 RNG states are therefore stored as tensors and lists and rebuilt on resume.
-
-"Same run": a saved run continues only under the settings it was trained with. `SAME_RUN_NEUTRAL`
-lists the settings that may differ: `epochs` and `early_stopping` (when to stop, not what an
-epoch does) and knobs that change speed, logging or where files go, not what is learnt.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from pathlib import Path
 
@@ -21,14 +15,6 @@ import torch
 
 from cxr_fast.errors import CxrError, one_line
 from cxr_fast.io import atomic_path
-from cxr_fast.recipes import Config
-
-SAME_RUN_NEUTRAL = frozenset({
-    "epochs", "early_stopping",                                   # when to stop
-    "loader", "decode_threads", "device_memory_budget", "compile", "channels_last", "deterministic",
-    "precision",  # numerics of the same computation; the NaN-loss remedy continues with precision=fp32
-    "logger", "wandb_project", "log_every", "runs_dir", "weights_dir", "restart",
-})
 
 # What `save_checkpoint` writes and `load_checkpoint` requires, with the type of each part.
 _PARTS = {"model": dict, "optimizer": dict, "progress": dict, "rng": dict, "config": dict}
@@ -80,21 +66,3 @@ def load_checkpoint(path: Path) -> dict:
     if wrong:
         raise CxrError(f"{path}: not a resume checkpoint (missing or malformed: {', '.join(wrong)})")
     return checkpoint
-
-
-def changed_settings(saved: dict, config: Config) -> dict[str, tuple]:
-    """{setting: (saved value, requested value)} for the settings that make `config` another run
-    than the one saved. A setting the saved run predates counts at its default."""
-    defaults = {field.name: field.default for field in dataclasses.fields(Config)}
-    requested = config.to_dict()
-    return {key: (saved.get(key, defaults[key]), value) for key, value in requested.items()
-            if key not in SAME_RUN_NEUTRAL and saved.get(key, defaults[key]) != value}
-
-
-def refuse_changed_settings(saved: dict, config: Config, source: Path) -> None:
-    """A CxrError listing what differs between the saved run (read from `source`) and `config`."""
-    changed = changed_settings(saved, config)
-    if changed:
-        listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
-        raise CxrError(f"{source}: the saved run of {config.recipe} has other settings ({listed}); "
-                       f"to start fresh give another weights_dir= or restart=true (discards the saved run)")

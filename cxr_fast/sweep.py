@@ -29,6 +29,7 @@ from cxr_fast.io import atomic_path
 from cxr_fast.locks import describe, lock_holder
 from cxr_fast.models import list_archs
 from cxr_fast.recipes import Config, load_config, parse_overrides, recipe_name
+from cxr_fast.same_run import changed_settings
 from cxr_fast.tasks import TASKS, task_name
 
 
@@ -56,8 +57,11 @@ def is_finished(config: Config) -> bool:
         status = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    # A saved run with other settings is not finished for these: train refuses it, saying why.
+    # (A status.json without settings predates them; train checks last.pt's.)
     return (isinstance(status, dict) and status.get("recipe") == config.recipe and bool(status.get("finished"))
-            and (bool(status.get("stopped_early")) or status.get("epoch", 0) >= config.epochs))
+            and (bool(status.get("stopped_early")) or status.get("epoch", 0) >= config.epochs)
+            and not (isinstance(status.get("config"), dict) and changed_settings(status["config"], config)))
 
 
 def running_holder(config: Config) -> str | None:

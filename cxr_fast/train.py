@@ -26,8 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxr_fast.checkpoint import (changed_settings, load_checkpoint, refuse_changed_settings, restore_rng, rng_state,
-                                 save_checkpoint)
+from cxr_fast.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from cxr_fast.errors import CxrError, one_line, run_cli
 from cxr_fast.io import atomic_path, remove_stale_temporaries, write_json
 from cxr_fast.locks import exclusive_lock
@@ -37,6 +36,7 @@ from cxr_fast.loading.payloads import read_manifest
 from cxr_fast.loading.sampler import balanced_epoch, rank_share
 from cxr_fast.models import build_model
 from cxr_fast.recipes import Config, all_recipes, load_config, recipe_from_legacy
+from cxr_fast.same_run import changed_settings, refuse_changed_settings
 from cxr_fast.validation import validation_metrics
 
 # ------------------------------------------------------------------ data
