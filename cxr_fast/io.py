@@ -31,6 +31,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}{TEMPORARY_MARK}{os.getpid()}")
     try:
         yield tmp
+        if tmp.is_file():
+            # Some writers (safetensors) create their file 0600; the result honours the umask
+            # like any other file, so a group on a shared cluster can read it.
+            os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -89,6 +93,19 @@ def process_alive(pid: int) -> bool:
     except (OverflowError, OSError):
         return False
     return True
+
+
+def current_umask() -> int:
+    """The process's umask. Linux reports it in /proc; elsewhere set-and-restore reads it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:

@@ -9,7 +9,9 @@ between recipes/defaults.yaml and recipes/tasks.yaml, see cxr_fast/recipes.py).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -111,11 +113,59 @@ def build_model(slug: str, *, pretrained: bool, image_size: int | None = None, p
         if not Path(pretrained_file).is_file():
             raise CxrError(f"{pretrained_file}: pretrained_file not found")
         kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
+        return _model_from_file(arch, pretrained_file, kwargs)
     try:
-        return timm.create_model(arch.timm_name, pretrained=pretrained or bool(pretrained_file), **kwargs)
+        return timm.create_model(arch.timm_name, pretrained=pretrained, **kwargs)
     except OSError as error:
         # huggingface_hub's "not reachable / not cached" errors are OSErrors.
         raise CxrError(
             f"{arch.timm_name}: pretrained weights could not be loaded ({one_line(error)}); "
             "run with pretrained=false, or pretrained_file=/path/to/weights.safetensors"
         ) from error
+
+
+def _model_from_file(arch: Arch, pretrained_file: str, kwargs: dict) -> torch.nn.Module:
+    """timm's model with weights from a local file, refused unless the file fits: timm loads
+    another architecture's file without a word (nothing matches, every weight stays random)."""
+    import timm
+
+    with _timm_load_report() as report:
+        try:
+            model = timm.create_model(arch.timm_name, pretrained=True, **kwargs)
+        except Exception as error:  # shape mismatches, unreadable or non-weights files
+            raise CxrError(f"{pretrained_file}: cannot be loaded into {arch.timm_name} ({one_line(error, 160)})") from error
+    head = model.pretrained_cfg.get("classifier") or ()
+    heads = (head,) if isinstance(head, str) else tuple(head)
+    # The classifier is replaced (one logit) and BatchNorm's step counter is not a weight.
+    unfitting = [key for key in report["missing"] + report["unexpected"]
+                 if not key.startswith(tuple(f"{name}." for name in heads)) and not key.endswith("num_batches_tracked")]
+    if unfitting:
+        raise CxrError(f"{pretrained_file}: does not fit {arch.timm_name} ({len(report['missing'])} weights missing, "
+                       f"{len(report['unexpected'])} unexpected, e.g. {unfitting[0]!r}); is it another architecture's?")
+    return model
+
+
+@contextlib.contextmanager
+def _timm_load_report():
+    """The keys timm's pretrained loader could not place. timm returns them to nobody; it only
+    logs them ("Missing keys (a, b) ...", "Unexpected keys (...) ..."), so read its log."""
+    report: dict[str, list[str]] = {"missing": [], "unexpected": []}
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage()
+            for kind, prefix in (("missing", "Missing keys ("), ("unexpected", "Unexpected keys (")):
+                if text.startswith(prefix):
+                    report[kind] += [key for key in text[len(prefix):].partition(")")[0].split(", ") if key]
+
+    logger = logging.getLogger("timm.models._builder")
+    handler, level, propagate = Collect(), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the INFO lines are for us, not the user's console
+    try:
+        yield report
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="test")
     parser.add_argument("--out-dir", type=Path, default=Path("all_pred"))
     parser.add_argument("rest", nargs="*", help="`<label_index> <arch>` and/or key=value (shards=, weights_dir=, loader=)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     positional = [item for item in args.rest if "=" not in item]
     overrides = [item for item in args.rest if "=" in item]
     settings = parse_overrides(overrides)

@@ -149,6 +149,9 @@ class Config(Augmentation):
     """W&B project name."""
     log_every: int = setting(50, above=0)
     """Steps between progress updates (the only host syncs)."""
+    restart: bool = False
+    """A saved run of the recipe with other settings is discarded and training starts over
+    (instead of being refused); a saved run with the same settings resumes as usual."""
 
     @property
     def resolved_image_size(self) -> int:

@@ -14,10 +14,12 @@ rerunning the training command resumes from `last.pt`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import socket
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +30,7 @@ from cxr_fast.io import atomic_path
 from cxr_fast.locks import describe, lock_holder
 from cxr_fast.models import list_archs
 from cxr_fast.recipes import Config, load_config, parse_overrides, recipe_name
+from cxr_fast.same_run import changed_settings
 from cxr_fast.tasks import TASKS, task_name
 
 
@@ -55,8 +58,11 @@ def is_finished(config: Config) -> bool:
         status = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    # A saved run with other settings is not finished for these: train refuses it, saying why.
+    # (A status.json without settings predates them; train checks last.pt's.)
     return (isinstance(status, dict) and status.get("recipe") == config.recipe and bool(status.get("finished"))
-            and (bool(status.get("stopped_early")) or status.get("epoch", 0) >= config.epochs))
+            and (bool(status.get("stopped_early")) or status.get("epoch", 0) >= config.epochs)
+            and not (isinstance(status.get("config"), dict) and changed_settings(status["config"], config)))
 
 
 def running_holder(config: Config) -> str | None:
@@ -89,25 +95,65 @@ def run_local(commands: list[tuple[str, list[str]]], *, logs: Path) -> int:
     failures = 0
     queue = list(commands)
     logs.mkdir(parents=True, exist_ok=True)
-    while queue or running:
-        for slot in [slot for slot in slots if slot not in running and queue]:
-            recipe, command = queue.pop(0)
-            env = dict(os.environ) | ({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {})
-            log = open(logs / f"{recipe}.log", "a")
-            # The same job header as the Slurm script's: `--status` reads the latest job's errors.
-            log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: {recipe}"
-                      f" (GPUs: {slot if slot is not None else 'none'})\n")
-            log.flush()
-            print(f"start {recipe}" + (f" on GPU {slot}" if slot is not None else ""), flush=True)
-            running[slot] = (recipe, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
-            log.close()  # the child holds its own copy of the descriptor
-        for slot, (recipe, process) in list(running.items()):
-            if process.poll() is not None:
-                del running[slot]
-                failures += process.returncode != 0
-                print(f"{'done' if process.returncode == 0 else f'FAILED ({process.returncode})'} {recipe}"
-                      f"  (log: {logs / f'{recipe}.log'})", flush=True)
-        time.sleep(0.5)
+    with children_stopped_on_signal(running):
+        while queue or running:
+            failures += _run_step(slots, running, queue, logs)
+            time.sleep(0.5)
+    return failures
+
+
+class Stopped(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def children_stopped_on_signal(running: dict):
+    """SIGTERM/SIGINT stop the sweep and its running trainings with it: the signal is passed
+    on to each child and waited for (a trainer left behind would keep a GPU, and its recipe's
+    lock, after the sweep is gone); then the sweep exits with 128 + the signal number."""
+    def stop(signum, _frame):
+        raise Stopped(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    except Stopped as stopped:
+        for signum in previous:  # a second signal must not cut the wait short
+            signal.signal(signum, signal.SIG_IGN)
+        for recipe, process in running.values():
+            process.send_signal(stopped.signum)
+        for recipe, process in running.values():
+            process.wait()
+            print(f"stopped {recipe} ({stopped})", flush=True)
+        print(f"sweep stopped by {stopped}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + stopped.signum) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run_step(slots: list, running: dict, queue: list, logs: Path) -> int:
+    """Start commands on free slots, collect finished ones; return how many failed."""
+    failures = 0
+    for slot in [slot for slot in slots if slot not in running and queue]:
+        recipe, command = queue.pop(0)
+        env = dict(os.environ) | ({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {})
+        log = open(logs / f"{recipe}.log", "a")
+        # The same job header as the Slurm script's: `--status` reads the latest job's errors.
+        log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: {recipe}"
+                  f" (GPUs: {slot if slot is not None else 'none'})\n")
+        log.flush()
+        print(f"start {recipe}" + (f" on GPU {slot}" if slot is not None else ""), flush=True)
+        running[slot] = (recipe, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+        log.close()  # the child holds its own copy of the descriptor
+    for slot, (recipe, process) in list(running.items()):
+        if process.poll() is not None:
+            del running[slot]
+            failures += process.returncode != 0
+            print(f"{'done' if process.returncode == 0 else f'FAILED ({process.returncode})'} {recipe}"
+                  f"  (log: {logs / f'{recipe}.log'})", flush=True)
     return failures
 
 
@@ -213,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--is-running", metavar="RECIPE",
                         help="exit 0 and say who trains RECIPE if a live run holds its lock, else 1")
     parser.add_argument("overrides", nargs="*", help="key=value settings for every recipe")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     settings = parse_overrides(args.overrides)
     if args.is_finished:
         return 0 if is_finished(load_config(args.is_finished, settings)) else 1

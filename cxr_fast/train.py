@@ -12,27 +12,31 @@ command resumes from `weights/<recipe>/last.pt`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from cxr_fast.errors import CxrError, run_cli
-from cxr_fast.io import atomic_path, write_json
+from cxr_fast.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
+from cxr_fast.errors import CxrError, one_line, run_cli
+from cxr_fast.io import atomic_path, remove_stale_temporaries, write_json
+from cxr_fast.locks import exclusive_lock
 from cxr_fast.loading import choose_loader, make_loader, with_shards_resolved
 from cxr_fast.loading.augment import AugmentSettings
 from cxr_fast.loading.payloads import read_manifest
 from cxr_fast.loading.sampler import balanced_epoch, rank_share
 from cxr_fast.models import build_model
 from cxr_fast.recipes import Config, all_recipes, load_config, recipe_from_legacy
+from cxr_fast.same_run import changed_settings, refuse_changed_settings
 from cxr_fast.validation import validation_metrics
 
 # ------------------------------------------------------------------ data
@@ -93,27 +97,6 @@ def seed_everything(seed: int) -> None:
 # ------------------------------------------------------------------ checkpoints
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        # This process's device only: a resume may see another number of GPUs.
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_atomic(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def save_best(model: torch.nn.Module, path: Path, record: dict) -> None:
     from safetensors.torch import save_file
 
@@ -128,6 +111,7 @@ def write_status(config: Config, state: "Progress", *, finished: bool, stopped_e
     write_json(config.weights_path / "status.json", {
         "recipe": config.recipe, "epoch": state.epoch, "epochs": config.epochs, "finished": finished,
         "stopped_early": stopped_early, "best_epoch": state.best_epoch, "best_balanced_accuracy": state.best_score,
+        "config": config.to_dict(),
     })
 
 
@@ -234,10 +218,63 @@ class NonFiniteLoss(CxrError):
 
 def train(config: Config, *, progress_bar: bool = True) -> dict:
     """Train (or resume) one recipe; return a summary (best epoch, metrics, throughput)."""
+    accelerator = make_accelerator(config.precision, grad_accum=config.grad_accum)
+    with recipe_lock(config, accelerator):
+        return _train(config, accelerator, progress_bar=progress_bar)
+
+
+@contextlib.contextmanager
+def recipe_lock(config: Config, accelerator):
+    """One writer per recipe: the main process holds `weights/<recipe>/.lock` for the whole run
+    (the other processes of a distributed run are its helpers, not rivals). Taking it creates
+    the folder, so an unwritable weights_dir is reported before any work."""
+    if not accelerator.is_main_process:
+        yield
+        return
+    with exclusive_lock(config.weights_path, what=f"training of {config.recipe}"):
+        remove_stale_temporaries(config.weights_path)
+        yield
+
+
+def start_same_run(config: Config, accelerator) -> None:
+    """Refuse to continue a saved run under other settings, or with restart=true discard it."""
+    saved, source = saved_settings(config)
+    if saved is None:
+        return
+    if config.restart:
+        if changed_settings(saved, config) and accelerator.is_main_process:
+            accelerator.print(f"{config.recipe}: restart=true: discarding the saved run with other settings")
+            for name in RUN_FILES:
+                (config.weights_path / name).unlink(missing_ok=True)
+        accelerator.wait_for_everyone()
+        return
+    refuse_changed_settings(saved, config, source)
+
+
+RUN_FILES = ("status.json", "last.pt", "best.json", "best.safetensors")  # what a saved run consists of
+
+
+def saved_settings(config: Config) -> tuple[dict | None, Path | None]:
+    """The saved run's settings: from status.json when it has them (no checkpoint load), else
+    from last.pt; (None, None) when there is no saved run."""
+    status_path, last_path = config.weights_path / "status.json", config.weights_path / "last.pt"
+    if status_path.is_file() and last_path.is_file():
+        try:
+            saved = json.loads(status_path.read_text()).get("config")
+        except (json.JSONDecodeError, AttributeError):
+            saved = None
+        if isinstance(saved, dict):
+            return saved, status_path
+    if last_path.is_file():
+        return load_checkpoint(last_path)["config"], last_path
+    return None, None
+
+
+def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
     from tqdm import tqdm
 
-    accelerator = make_accelerator(config.precision, grad_accum=config.grad_accum)
     device = accelerator.device
+    start_same_run(config, accelerator)
     done = finished_run(config)
     if done is not None:
         return nothing_to_do(config, done, None, accelerator)
@@ -245,13 +282,15 @@ def train(config: Config, *, progress_bar: bool = True) -> dict:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(config.seed)
 
-    config = with_shards_resolved(config)
-    train_data, val_data = load_task_data(config)
+    # The folder read is resolved from the listed ones; what is saved (status.json, last.pt,
+    # best.json) keeps the requested `shards`, so a rerun compares like with like.
+    shards_dir = Path(with_shards_resolved(config).shards)
+    train_data, val_data = load_task_data(replace(config, shards=str(shards_dir)))
     settings = AugmentSettings.from_config(config)
     batch_size = config.resolved_batch_size
     kind = choose_loader(config.loader, n_images=len(train_data.rows) + len(val_data.rows), settings=settings,
                          device=device, budget=config.device_memory_budget)
-    loaders = {name: make_loader(kind, data.rows, Path(config.shards), settings, device=device,
+    loaders = {name: make_loader(kind, data.rows, shards_dir, settings, device=device,
                                  batch_size=batch_size, seed=config.seed, rank=accelerator.process_index,
                                  threads=config.decode_threads)
                for name, data in (("train", train_data), ("val", val_data))}
@@ -274,7 +313,7 @@ def train(config: Config, *, progress_bar: bool = True) -> dict:
     labels_on_device = torch.as_tensor(train_data.labels, device=device)
     log = MetricsLog(config, enabled=accelerator.is_main_process, resume_epoch=state.epoch)
     if accelerator.is_main_process:
-        write_json(config.run_path / "config.json", config.to_dict() | {"loader_used": kind})
+        write_json(config.run_path / "config.json", config.to_dict() | {"loader_used": kind, "shards_used": str(shards_dir)})
 
     try:
         for epoch in range(state.epoch, config.epochs):
@@ -416,11 +455,11 @@ def check_finite(bad: torch.Tensor, accelerator, config: Config, epoch: int, bat
     if accelerator.num_processes > 1:  # every process stops together, or none does
         bad = accelerator.reduce(bad.float(), reduction="sum") > 0
     if bool(bad):
-        raise NonFiniteLoss(
-            f"{config.recipe}: the loss became NaN/inf in epoch {epoch + 1} by batch {batch + 1}; "
-            f"the last good checkpoint is kept in {config.weights_path / 'last.pt'} "
-            f"(try a lower lr than {config.lr}, or precision=fp32)"
-        )
+        last = config.weights_path / "last.pt"
+        kept = (f"the last good checkpoint is kept in {last} (continue from it with precision=fp32, or start "
+                f"over with a lower lr than {config.lr} and restart=true)" if last.is_file() else
+                f"no checkpoint was written yet (try a lower lr than {config.lr}, or precision=fp32)")
+        raise NonFiniteLoss(f"{config.recipe}: the loss became NaN/inf in epoch {epoch + 1} by batch {batch + 1}; {kept}")
 
 
 def compile_model(model: torch.nn.Module, config: Config, device: torch.device):
@@ -468,7 +507,7 @@ def end_of_epoch(state: Progress, record: dict, val: dict, model, optimizer, acc
     else:
         state.epochs_since_best += 1
     if accelerator.is_main_process:
-        save_atomic({
+        save_checkpoint({
             "model": accelerator.unwrap_model(model).state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
@@ -481,18 +520,17 @@ def end_of_epoch(state: Progress, record: dict, val: dict, model, optimizer, acc
 
 
 def resume(path: Path, accelerator, model, optimizer, config: Config) -> Progress:
+    checkpoint = load_checkpoint(path)
+    refuse_changed_settings(checkpoint["config"], config, path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # a checkpoint is only ever replaced whole; this is a foreign/broken file
-        raise CxrError(f"{path}: cannot be read as a resume checkpoint ({error}); delete it to start over") from error
-    if checkpoint["config"]["arch"] != config.arch or checkpoint["config"]["task"] != config.task:
-        raise CxrError(f"{path}: belongs to another recipe ({checkpoint['config']['recipe']})")
-    accelerator.unwrap_model(model).load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    if checkpoint.get("scaler") and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(checkpoint["scaler"])
-    restore_rng(checkpoint["rng"])
-    state = Progress(**checkpoint["progress"])
+        accelerator.unwrap_model(model).load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler") and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng(checkpoint["rng"])
+        state = Progress(**checkpoint["progress"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+        raise CxrError(f"{path}: does not fit {config.recipe} ({one_line(error, 120)}); move it away to start over") from error
     accelerator.print(f"{config.recipe}: resuming after epoch {state.epoch} (best epoch {state.best_epoch})")
     return state
 
@@ -532,7 +570,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str | None, 
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("rest", nargs="*", help="`<label_index> <arch>` (original form) and/or key=value settings")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     positional = [item for item in args.rest if "=" not in item]
     overrides = [item for item in args.rest if "=" in item]
     recipe = args.recipe

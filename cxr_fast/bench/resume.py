@@ -151,11 +151,12 @@ def differing_weights(expected: Path, actual: Path) -> list[str]:
     import torch
     from safetensors.torch import load_file
 
+    from cxr_fast.checkpoint import load_checkpoint
+
     differing = []
     for name in ("best.safetensors", "last.pt"):
-        if name.endswith(".pt"):  # our own checkpoints, written by the runs above
-            a = torch.load(expected / name, map_location="cpu", weights_only=False)["model"]
-            b = torch.load(actual / name, map_location="cpu", weights_only=False)["model"]
+        if name.endswith(".pt"):
+            a, b = load_checkpoint(expected / name)["model"], load_checkpoint(actual / name)["model"]
         else:
             a, b = load_file(str(expected / name)), load_file(str(actual / name))
         differing += [f"{name}: {key}" for key in sorted(set(a) | set(b))
@@ -185,11 +186,11 @@ def _status_epoch(path: Path) -> int:
 
 
 def _checkpoint_epoch(path: Path) -> int | None:
-    import torch
+    from cxr_fast.checkpoint import load_checkpoint
 
-    try:  # our own checkpoint, written by the run just killed
-        return int(torch.load(path, map_location="cpu", weights_only=False)["progress"]["epoch"])
-    except (OSError, KeyError, RuntimeError):
+    try:
+        return int(load_checkpoint(path)["progress"]["epoch"])
+    except (CxrError, KeyError, TypeError, ValueError):
         return None
 
 

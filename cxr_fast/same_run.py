@@ -1,0 +1,39 @@
+"""What "same run" means: a saved run continues only under the settings it was trained with.
+
+`SAME_RUN_NEUTRAL` lists the settings that may differ: `epochs` and `early_stopping` (when to
+stop, not what an epoch does) and knobs that change speed, logging or where files go, not what
+is learnt. Imports no torch: `sweep` asks it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from cxr_fast.errors import CxrError
+from cxr_fast.recipes import Config
+
+SAME_RUN_NEUTRAL = frozenset({
+    "epochs", "early_stopping",                                   # when to stop
+    "loader", "decode_threads", "device_memory_budget", "compile", "channels_last", "deterministic",
+    "precision",  # numerics of the same computation; the NaN-loss remedy continues with precision=fp32
+    "logger", "wandb_project", "log_every", "runs_dir", "weights_dir", "restart",
+})
+
+
+def changed_settings(saved: dict, config: Config) -> dict[str, tuple]:
+    """{setting: (saved value, requested value)} for the settings that make `config` another run
+    than the one saved. A setting the saved run predates counts at its default."""
+    defaults = {field.name: field.default for field in dataclasses.fields(Config)}
+    requested = config.to_dict()
+    return {key: (saved.get(key, defaults[key]), value) for key, value in requested.items()
+            if key not in SAME_RUN_NEUTRAL and saved.get(key, defaults[key]) != value}
+
+
+def refuse_changed_settings(saved: dict, config: Config, source: Path) -> None:
+    """A CxrError listing what differs between the saved run (read from `source`) and `config`."""
+    changed = changed_settings(saved, config)
+    if changed:
+        listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        raise CxrError(f"{source}: the saved run of {config.recipe} has other settings ({listed}); "
+                       f"to start fresh give another weights_dir= or restart=true (discards the saved run)")
