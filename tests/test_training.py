@@ -146,7 +146,7 @@ def test_gradient_accumulation_takes_one_step_per_group(phantom_shards, tmp_path
 @pytest.mark.parametrize(("args", "message"), [
     (["--recipe", "effusion_resnet5"], "unknown recipe 'effusion_resnet5'"),
     (["--recipe", RECIPE, "lr=fast"], "setting 'lr' expects float"),
-    (["--recipe", RECIPE, "shards=/nonexistent"], "manifest.parquet: not found"),
+    (["--recipe", RECIPE, "shards=/nonexistent"], "/nonexistent: no shards found"),
     (["9", "test_resnet"], "task index 9 is out of range"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(args, message):
