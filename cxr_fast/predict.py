@@ -24,7 +24,7 @@ from cxr_fast.loading.augment import AugmentSettings
 from cxr_fast.loading.payloads import read_manifest
 from cxr_fast.models import build_model
 from cxr_fast.recipes import Config, load_config, parse_overrides, recipe_from_legacy
-from cxr_fast.train import compile_model, make_accelerator, predict_probs
+from cxr_fast.engine import compile_model, make_accelerator, predict_probs
 
 PREDICTION_COLUMNS = ("key", "dicom_id", "subject_id", "study_id", "split", "task", "arch", "recipe",
                       "label", "prob", "pred", "threshold", "sex", "age", "age_group", "race", "view")
