@@ -13,7 +13,6 @@ rerunning the training command resumes from `last.pt`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import socket
@@ -27,6 +26,7 @@ from cxr_fast.io import atomic_path
 from cxr_fast.locks import describe, lock_holder
 from cxr_fast.models import list_archs
 from cxr_fast.recipes import Config, load_config, parse_overrides, recipe_name
+from cxr_fast.schema import finished_status
 from cxr_fast.tasks import TASKS, task_name
 
 
@@ -47,15 +47,9 @@ def select_archs(text: str) -> list[str]:
 
 
 def is_finished(config: Config) -> bool:
-    """The recipe needs no more epochs for these settings: status.json says finished and it
-    either stopped early or has trained the requested epochs (raising `epochs=` reopens it)."""
-    path = config.weights_path / "status.json"
-    try:
-        status = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return (isinstance(status, dict) and status.get("recipe") == config.recipe and bool(status.get("finished"))
-            and (bool(status.get("stopped_early")) or status.get("epoch", 0) >= config.epochs))
+    """Whether training `config` would have nothing to do: the check `cxr_fast.train` makes
+    (raising `epochs=` reopens a finished recipe)."""
+    return finished_status(config.weights_path, recipe=config.recipe, epochs=config.epochs) is not None
 
 
 def running_holder(config: Config) -> str | None:

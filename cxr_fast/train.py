@@ -32,6 +32,7 @@ from cxr_fast.engine import (SplitData, compile_model, labelled_batches, load_ta
 from cxr_fast.loading.augment import AugmentSettings
 from cxr_fast.loading.sampler import balanced_epoch, rank_share
 from cxr_fast.recipes import Config, all_recipes, load_config, recipe_from_legacy
+from cxr_fast.schema import RESUME_FILE, STATUS_FILE, finished_status
 from cxr_fast.validation import validation_metrics
 
 # ------------------------------------------------------------------ numerics
@@ -87,7 +88,7 @@ def save_best(model: torch.nn.Module, path: Path, record: dict) -> None:
 
 def write_status(config: Config, state: "Progress", *, finished: bool, stopped_early: bool) -> None:
     """`weights/<recipe>/status.json`: what the study runner reads to skip or resume a recipe."""
-    write_json(config.weights_path / "status.json", {
+    write_json(config.weights_path / STATUS_FILE, {
         "recipe": config.recipe, "epoch": state.epoch, "epochs": config.epochs, "finished": finished,
         "stopped_early": stopped_early, "best_epoch": state.best_epoch, "best_balanced_accuracy": state.best_score,
     })
@@ -96,15 +97,8 @@ def write_status(config: Config, state: "Progress", *, finished: bool, stopped_e
 def finished_run(config: Config) -> "Progress | None":
     """The progress of a run that needs no more epochs, read from status.json alone: a rerun
     of a finished recipe returns before decoding any data or building the model."""
-    status_path, last_path = config.weights_path / "status.json", config.weights_path / "last.pt"
-    if not (status_path.is_file() and last_path.is_file()):
-        return None
-    try:
-        status = json.loads(status_path.read_text())
-    except json.JSONDecodeError:
-        return None
-    done = status.get("finished") and (status.get("stopped_early") or status.get("epoch", 0) >= config.epochs)
-    if not done or status.get("recipe") != config.recipe:
+    status = finished_status(config.weights_path, recipe=config.recipe, epochs=config.epochs)
+    if status is None:
         return None
     return Progress(epoch=status["epoch"], best_epoch=status["best_epoch"], best_score=status["best_balanced_accuracy"])
 
@@ -220,7 +214,7 @@ def train(config: Config, *, progress_bar: bool = True) -> dict:
     model, optimizer = prepare_model(config, accelerator, settings.image_size)
 
     state = Progress()
-    last_path = config.weights_path / "last.pt"
+    last_path = config.weights_path / RESUME_FILE
     if last_path.is_file():
         state = resume(last_path, accelerator, model, optimizer, config)
     # Also without status.json (a kill between writing last.pt and status.json).
@@ -355,7 +349,7 @@ def end_of_epoch(state: Progress, record: dict, val: dict, model, optimizer, acc
             "progress": state.__dict__,
             "rng": rng_state(),
             "config": config.to_dict(),
-        }, config.weights_path / "last.pt")
+        }, config.weights_path / RESUME_FILE)
     accelerator.wait_for_everyone()
     return state
 

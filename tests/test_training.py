@@ -15,6 +15,7 @@ import torch
 from cxr_fast.bench.resume import kill_and_resume
 from cxr_fast.errors import CxrError
 from cxr_fast.recipes import load_config
+from cxr_fast.schema import STATUS_FIELDS
 from cxr_fast.train import NonFiniteLoss, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,8 @@ def test_two_epochs_learn_and_write_every_output(phantom_shards, tmp_path):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
     assert {"val_auroc", "val_balanced_accuracy", "val_sensitivity", "val_specificity", "images_per_second",
             "data_wait_share"} <= set(json.loads(lines[0]))
-    assert json.loads((tmp_path / "weights" / RECIPE / "status.json").read_text())["finished"] is True
+    status = json.loads((tmp_path / "weights" / RECIPE / "status.json").read_text())
+    assert status["finished"] is True and set(status) == set(STATUS_FIELDS)
     assert json.loads((tmp_path / "runs" / RECIPE / "config.json").read_text())["loader_used"] == "resident"
     # Rerunning a finished recipe does nothing and changes nothing.
     before = (folder / "last.pt").read_bytes()
