@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
+if TYPE_CHECKING:  # read without numpy/pandas: `sweep --status` and `--is-finished` start fast
+    import pandas as pd
 
 # ------------------------------------------------------------------ splits and groups
 
@@ -30,6 +31,9 @@ VIEW = "view"
 
 def age_group(age: pd.Series) -> pd.Series:
     """`0-20` (< 20), `20-40`, `40-60`, `60-80`, `80+`, `Unknown` (NaN); 20 is in `20-40`."""
+    import numpy as np
+    import pandas as pd
+
     values = pd.to_numeric(age, errors="coerce").to_numpy(np.float64)
     with np.errstate(invalid="ignore"):
         conditions = [np.isnan(values), *(values < bound for bound in AGE_GROUP_LOWER_BOUNDS)]
@@ -74,12 +78,9 @@ STATUS_FIELDS: tuple[str, ...] = (
 def read_status(recipe_folder: Path) -> dict | None:
     """`status.json` of one recipe's weights folder; None when there is none or it is not JSON
     (a run that has not finished an epoch yet, or a foreign file: both mean "train")."""
-    path = Path(recipe_folder) / STATUS_FILE
-    if not path.is_file():
-        return None
     try:
-        status = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        status = json.loads((Path(recipe_folder) / STATUS_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return status if isinstance(status, dict) else None
 
