@@ -520,6 +520,7 @@ def test_cohort_arguments_round_trip(tmp_path):
 # ---------------------------------------------------------------------------- performance
 
 
+@pytest.mark.slow
 def test_full_size_chexpert_builds_quickly(tmp_path):
     csv = write_big_chexpert_csv(tmp_path / "CheXpert-v1.0-small" / "train.csv", n_rows=223_414)
     start = time.perf_counter()

@@ -35,6 +35,7 @@ def test_registry_names_are_current_timm_names_with_pretrained_tags():
         assert get_arch(slug).timm_name in pretrained, slug
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slug", STUDY_ARCHS)
 def test_every_study_arch_builds_and_runs_at_native_size(slug, recwarn):
     arch = get_arch(slug)

@@ -133,6 +133,7 @@ def test_bf16_autocast_path_on_cpu(phantom_shards, tmp_path):
     assert np.isfinite(result["history"][0]["train_loss"])
 
 
+@pytest.mark.slow
 def test_torch_compile_on_a_tiny_model(phantom_shards, tmp_path):
     result = train(load_config(RECIPE, small(phantom_shards, tmp_path, epochs=1, compile="on",
                                              max_steps_per_epoch=2, channels_last="true")), progress_bar=False)
@@ -151,6 +152,7 @@ def test_gradient_accumulation_takes_one_step_per_group(phantom_shards, tmp_path
     (["--recipe", RECIPE, "shards=/nonexistent"], "manifest.parquet: not found"),
     (["9", "test_resnet"], "task index 9 is out of range"),
 ])
+@pytest.mark.slow
 def test_cli_errors_are_one_line_and_exit_2(args, message):
     done = subprocess.run([sys.executable, "-m", "cxr_fast.train", *args], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, WANDB_MODE="disabled"))
@@ -158,6 +160,7 @@ def test_cli_errors_are_one_line_and_exit_2(args, message):
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_unreachable_hub_fails_the_run_with_the_way_out(phantom_shards, tmp_path):
     env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
     args = small(phantom_shards, tmp_path, epochs=1, image_size=64, batch_size=8)
