@@ -118,6 +118,7 @@ def test_a_log_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2]
 
 
+@pytest.mark.slow
 def test_bf16_autocast_path_on_cpu(phantom_shards, tmp_path):
     from cxr_fast.models import build_model
     from cxr_fast.engine import make_accelerator
