@@ -28,12 +28,13 @@ DEMO_ARCHS ?= test_resnet,test_convnext,test_efficientnet
 DEMO_EPOCHS ?= 6
 DEMO_REPORT ?= reports/demo
 
-.PHONY: setup test test-slurm shards demo bench clean help
+.PHONY: setup test test-fast test-slurm shards demo bench clean help
 help:
 	@echo "make setup   create .venv and install everything (torch pinned, see constraints.txt)"
 	@echo "make shards  build the phantom data set and shard it to $(SHARDS)/ (or real MIMIC: MIMIC_CXR=... MIMIC_IV=... make shards)"
 	@echo "make demo    the whole chain on the built-in phantom data: shards, train, predict, analyze"
 	@echo "make test    the test suite (CPU, a few minutes)"
+	@echo "make test-fast  the tests not marked slow (no subprocess training, kills, sweeps or compiles)"
 	@echo "make test-slurm  the Slurm array on a one-node Slurm cluster started here (root; installs slurm-wlm, munge)"
 	@echo "make bench   the CPU benchmark suite; writes benchmarks/results/ and BENCHMARKS.md"
 
@@ -52,6 +53,10 @@ dirs:
 
 test: setup dirs
 	WANDB_MODE=disabled $(PY) -m pytest -q
+
+# What to run while working: everything except the tests marked `slow` (pyproject.toml).
+test-fast: setup dirs
+	WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow"
 
 # A real Slurm: 3 CPU recipes as an array, one cancelled and resubmitted, weights checked against a
 # direct run (~3 min; skips with the reason where it cannot run: not root, no apt-get, no network).

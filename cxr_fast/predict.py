@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cxr_fast.engine import compile_model, make_accelerator, predict_probs
 from cxr_fast.errors import CxrError, run_cli
 from cxr_fast.io import write_parquet
 from cxr_fast.loading import choose_loader, make_loader, with_shards_resolved
@@ -24,11 +25,9 @@ from cxr_fast.loading.augment import AugmentSettings
 from cxr_fast.loading.payloads import read_manifest
 from cxr_fast.models import build_model
 from cxr_fast.recipes import Config, load_config, parse_overrides, recipe_from_legacy
-from cxr_fast.train import compile_model, make_accelerator, predict_probs
+from cxr_fast.schema import DEMOGRAPHICS, PREDICTION_COLUMNS, SPLITS, VIEW
 
-PREDICTION_COLUMNS = ("key", "dicom_id", "subject_id", "study_id", "split", "task", "arch", "recipe",
-                      "label", "prob", "pred", "threshold", "sex", "age", "age_group", "race", "view")
-SPLIT_CHOICES = ("test", "val", "train", "all")
+SPLIT_CHOICES = (*SPLITS, "all")
 
 
 def load_best(folder: Path, recipe: str) -> tuple[dict, dict]:
@@ -86,7 +85,7 @@ def prediction_table(rows: pd.DataFrame, probs: np.ndarray, *, config: Config, t
     table["prob"] = probs.astype("float32")
     table["pred"] = (probs >= threshold).astype("int8")
     table["threshold"] = np.float32(threshold)
-    for column in ("sex", "age", "age_group", "race", "view"):
+    for column in ("age", *DEMOGRAPHICS, VIEW):
         table[column] = rows[column]
     return table[list(PREDICTION_COLUMNS)]
 

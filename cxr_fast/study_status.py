@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cxr_fast.locks import describe, lock_holder
 from cxr_fast.recipes import Config
+from cxr_fast.schema import RESUME_FILE, read_status
 from cxr_fast.sweep import is_finished
 
 # A line that says why a run ended: `error: ...` (CxrError), `SomethingError: ...` (a traceback's
@@ -24,7 +25,7 @@ _LOG_TAIL_BYTES = 64 * 1024
 
 
 def recipe_status(config: Config, *, logs: Path) -> dict:
-    status = _read_json(config.weights_path / "status.json")
+    status = read_status(config.weights_path) or {}
     metrics = _read_metrics(config.run_path / "metrics.jsonl")
     epochs_done = status.get("epoch") or max((line["epoch"] for line in metrics), default=0)
     best_epoch = status.get("best_epoch") or _best_epoch(metrics)
@@ -36,7 +37,7 @@ def recipe_status(config: Config, *, logs: Path) -> dict:
         state = "running"
     elif is_finished(config):
         state = "stopped early" if status.get("stopped_early") else "finished"
-    elif not (epochs_done or log.is_file() or (config.weights_path / "last.pt").is_file()):
+    elif not (epochs_done or log.is_file() or (config.weights_path / RESUME_FILE).is_file()):
         state = "not started"
     else:
         error = last_error_line(log)
@@ -112,14 +113,6 @@ def print_status(configs: list[Config], *, logs: Path, as_json: bool) -> None:
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return record if isinstance(record, dict) else {}
 
 
 def _read_metrics(path: Path) -> list[dict]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shlex
 import socket
@@ -31,6 +30,7 @@ from cxr_fast.locks import describe, lock_holder
 from cxr_fast.models import list_archs
 from cxr_fast.recipes import Config, load_config, parse_overrides, recipe_name
 from cxr_fast.same_run import changed_settings
+from cxr_fast.schema import finished_status
 from cxr_fast.tasks import TASKS, task_name
 
 
@@ -51,18 +51,12 @@ def select_archs(text: str) -> list[str]:
 
 
 def is_finished(config: Config) -> bool:
-    """The recipe needs no more epochs for these settings: status.json says finished and it
-    either stopped early or has trained the requested epochs (raising `epochs=` reopens it)."""
-    path = config.weights_path / "status.json"
-    try:
-        status = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    # A saved run with other settings is not finished for these: train refuses it, saying why.
-    # (A status.json without settings predates them; train checks last.pt's.)
-    return (isinstance(status, dict) and status.get("recipe") == config.recipe and bool(status.get("finished"))
-            and (bool(status.get("stopped_early")) or status.get("epoch", 0) >= config.epochs)
-            and not (isinstance(status.get("config"), dict) and changed_settings(status["config"], config)))
+    """Whether training `config` would have nothing to do: the check `cxr_fast.train` makes
+    (raising `epochs=` reopens a finished recipe). A saved run with other settings is not
+    finished for these: train refuses it, saying why."""
+    status = finished_status(config.weights_path, recipe=config.recipe, epochs=config.epochs)
+    return status is not None and not (isinstance(status.get("config"), dict)
+                                       and changed_settings(status["config"], config))
 
 
 def running_holder(config: Config) -> str | None:

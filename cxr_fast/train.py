@@ -23,60 +23,23 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from cxr_fast.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
+from cxr_fast.engine import (SplitData, compile_model, labelled_batches, load_task_data, make_accelerator,
+                             predict_probs, prepare_model, train_step)
 from cxr_fast.errors import CxrError, one_line, run_cli
 from cxr_fast.io import atomic_path, remove_stale_temporaries, write_json
 from cxr_fast.locks import exclusive_lock
 from cxr_fast.loading import choose_loader, make_loader, with_shards_resolved
 from cxr_fast.loading.augment import AugmentSettings
-from cxr_fast.loading.payloads import read_manifest
 from cxr_fast.loading.sampler import balanced_epoch, rank_share
-from cxr_fast.models import build_model
 from cxr_fast.recipes import Config, all_recipes, load_config, recipe_from_legacy
 from cxr_fast.same_run import changed_settings, refuse_changed_settings
+from cxr_fast.schema import RESUME_FILE, STATUS_FILE, finished_status, read_status
 from cxr_fast.validation import validation_metrics
 
-# ------------------------------------------------------------------ data
-
-
-@dataclass
-class SplitData:
-    rows: pd.DataFrame        # manifest rows of the split with a label for the task
-    labels: np.ndarray        # float32 0/1
-
-
-def task_split(manifest: pd.DataFrame, task: str, split: str) -> SplitData:
-    rows = manifest[(manifest["split"] == split) & manifest[task].notna()].reset_index(drop=True)
-    return SplitData(rows=rows, labels=rows[task].to_numpy(dtype=np.float32, copy=True))
-
-
-def load_task_data(config: Config) -> tuple[SplitData, SplitData]:
-    manifest = read_manifest(config.shards)
-    if config.task not in manifest.columns:
-        raise CxrError(f"{Path(config.shards) / 'manifest.parquet'}: no column for task {config.task!r}")
-    train, val = task_split(manifest, config.task, "train"), task_split(manifest, config.task, "val")
-    for name, data in (("train", train), ("val", val)):
-        classes = set(np.unique(data.labels).tolist())
-        if classes != {0.0, 1.0}:
-            raise CxrError(f"{config.shards}: the {name} split has no {'positive' if 1.0 not in classes else 'negative'} "
-                           f"images for task {config.task!r}; a balanced classifier cannot be trained")
-    return train, val
-
-
 # ------------------------------------------------------------------ numerics
-
-
-def precision_for(requested: str, device: torch.device) -> str:
-    """Accelerate's mixed_precision value: bf16 where the hardware has it, else fp16 (GPU) or fp32."""
-    if requested != "auto":
-        return {"fp32": "no"}.get(requested, requested)
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    # CPUs without native bf16 emulate it, several times slower than fp32.
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
 
 
 def lr_at(step: int, *, total_steps: int, warmup_steps: int, base_lr: float, min_lr_ratio: float) -> float:
@@ -108,7 +71,7 @@ def save_best(model: torch.nn.Module, path: Path, record: dict) -> None:
 
 def write_status(config: Config, state: "Progress", *, finished: bool, stopped_early: bool) -> None:
     """`weights/<recipe>/status.json`: what the study runner reads to skip or resume a recipe."""
-    write_json(config.weights_path / "status.json", {
+    write_json(config.weights_path / STATUS_FILE, {
         "recipe": config.recipe, "epoch": state.epoch, "epochs": config.epochs, "finished": finished,
         "stopped_early": stopped_early, "best_epoch": state.best_epoch, "best_balanced_accuracy": state.best_score,
         "config": config.to_dict(),
@@ -118,15 +81,8 @@ def write_status(config: Config, state: "Progress", *, finished: bool, stopped_e
 def finished_run(config: Config) -> "Progress | None":
     """The progress of a run that needs no more epochs, read from status.json alone: a rerun
     of a finished recipe returns before decoding any data or building the model."""
-    status_path, last_path = config.weights_path / "status.json", config.weights_path / "last.pt"
-    if not (status_path.is_file() and last_path.is_file()):
-        return None
-    try:
-        status = json.loads(status_path.read_text())
-    except json.JSONDecodeError:
-        return None
-    done = status.get("finished") and (status.get("stopped_early") or status.get("epoch", 0) >= config.epochs)
-    if not done or status.get("recipe") != config.recipe:
+    status = finished_status(config.weights_path, recipe=config.recipe, epochs=config.epochs)
+    if status is None:
         return None
     return Progress(epoch=status["epoch"], best_epoch=status["best_epoch"], best_score=status["best_balanced_accuracy"])
 
@@ -251,21 +207,17 @@ def start_same_run(config: Config, accelerator) -> None:
     refuse_changed_settings(saved, config, source)
 
 
-RUN_FILES = ("status.json", "last.pt", "best.json", "best.safetensors")  # what a saved run consists of
+RUN_FILES = (STATUS_FILE, RESUME_FILE, "best.json", "best.safetensors")  # what a saved run consists of
 
 
 def saved_settings(config: Config) -> tuple[dict | None, Path | None]:
     """The saved run's settings: from status.json when it has them (no checkpoint load), else
     from last.pt; (None, None) when there is no saved run."""
-    status_path, last_path = config.weights_path / "status.json", config.weights_path / "last.pt"
-    if status_path.is_file() and last_path.is_file():
-        try:
-            saved = json.loads(status_path.read_text()).get("config")
-        except (json.JSONDecodeError, AttributeError):
-            saved = None
+    status_path, last_path = config.weights_path / STATUS_FILE, config.weights_path / RESUME_FILE
+    if last_path.is_file():
+        saved = (read_status(config.weights_path) or {}).get("config")
         if isinstance(saved, dict):
             return saved, status_path
-    if last_path.is_file():
         return load_checkpoint(last_path)["config"], last_path
     return None, None
 
@@ -298,7 +250,7 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
     model, optimizer = prepare_model(config, accelerator, settings.image_size)
 
     state = Progress()
-    last_path = config.weights_path / "last.pt"
+    last_path = config.weights_path / RESUME_FILE
     if last_path.is_file():
         state = resume(last_path, accelerator, model, optimizer, config)
     # Also without status.json (a kill between writing last.pt and status.json).
@@ -375,59 +327,6 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
     return summary(config, state, kind)
 
 
-def labelled_batches(loader, indices: np.ndarray, labels_on_device: torch.Tensor, *, epoch: int):
-    """(images, targets) for one epoch's index list: the training loop's data path.
-
-    The targets are gathered on the device in one copy per epoch: a per-batch copy from
-    pageable host memory would make the host wait for the GPU every step.
-    """
-    targets = labels_on_device[torch.as_tensor(indices, device=labels_on_device.device)]
-    for number, images in enumerate(loader.train_batches(indices, epoch=epoch)):
-        yield images, targets[number * loader.batch_size:(number + 1) * loader.batch_size]
-
-
-def prepare_model(config: Config, accelerator, image_size: int):
-    """The recipe's model (channels-last if asked) and AdamW, prepared by Accelerate."""
-    model = build_model(config.arch, pretrained=config.pretrained, image_size=image_size,
-                        pretrained_file=config.pretrained_file)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    return accelerator.prepare(model, optimizer)
-
-
-def train_step(images: torch.Tensor, target: torch.Tensor, lr: float, *, model, forward, optimizer, loss_fn,
-               accelerator, config: Config) -> torch.Tensor:
-    """One forward/backward/optimiser (micro-)step: the loop's body, also timed by cxr_fast.bench."""
-    if config.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with accelerator.accumulate(model):
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        logits = forward(images).float().squeeze(1)
-        loss = loss_fn(logits, target)
-        accelerator.backward(loss)
-        if config.clip_grad and accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(model.parameters(), config.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return loss
-
-
-def make_accelerator(precision: str, *, grad_accum: int = 1):
-    """An Accelerator for this process's device with the requested mixed precision."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    cuda = torch.cuda.is_available()
-    # Accelerate keeps its settings in a process-wide singleton; a second run in the same
-    # process (sweeps in a notebook, tests) may ask for another precision. The distributed
-    # part of the state (PartialState) is kept.
-    AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=precision_for(precision, torch.device("cuda" if cuda else "cpu")),
-                       gradient_accumulation_steps=grad_accum, cpu=not cuda)
-
-
 def steps_in_epoch(data: SplitData, config: Config, batch_size: int, world_size: int) -> int:
     minority = int(min(data.labels.sum(), len(data.labels) - data.labels.sum()))
     batches = (2 * minority // world_size) // batch_size
@@ -455,39 +354,11 @@ def check_finite(bad: torch.Tensor, accelerator, config: Config, epoch: int, bat
     if accelerator.num_processes > 1:  # every process stops together, or none does
         bad = accelerator.reduce(bad.float(), reduction="sum") > 0
     if bool(bad):
-        last = config.weights_path / "last.pt"
+        last = config.weights_path / RESUME_FILE
         kept = (f"the last good checkpoint is kept in {last} (continue from it with precision=fp32, or start "
                 f"over with a lower lr than {config.lr} and restart=true)" if last.is_file() else
                 f"no checkpoint was written yet (try a lower lr than {config.lr}, or precision=fp32)")
         raise NonFiniteLoss(f"{config.recipe}: the loss became NaN/inf in epoch {epoch + 1} by batch {batch + 1}; {kept}")
-
-
-def compile_model(model: torch.nn.Module, config: Config, device: torch.device):
-    """The callable used for forward passes; compiled on CUDA by default (costly, useless on CPU)."""
-    wanted = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
-    return torch.compile(model) if wanted else model
-
-
-@torch.no_grad()
-def predict_probs(forward, model: torch.nn.Module, loader, indices: np.ndarray, accelerator) -> np.ndarray:
-    """Sigmoid probabilities for `indices`, in order (every process evaluates the whole list)."""
-    model.eval()
-    chunks = []
-    with accelerator.autocast():
-        for images in loader.eval_batches(indices):
-            count = images.shape[0]
-            # A short last batch would make a compiled model compile again: pad, then drop.
-            if count < loader.batch_size:
-                images = torch.cat([images, images[-1:].expand(loader.batch_size - count, *images.shape[1:])])
-            if images.is_floating_point() and model_wants_channels_last(model):
-                images = images.contiguous(memory_format=torch.channels_last)
-            chunks.append(torch.sigmoid(forward(images).float().squeeze(1))[:count])
-    return torch.cat(chunks).cpu().numpy() if chunks else np.zeros(0, dtype=np.float32)
-
-
-def model_wants_channels_last(model: torch.nn.Module) -> bool:
-    parameter = next((p for p in model.parameters() if p.dim() == 4), None)
-    return parameter is not None and parameter.is_contiguous(memory_format=torch.channels_last) and not parameter.is_contiguous()
 
 
 def evaluate(forward, model, loader, data: SplitData, accelerator) -> dict:
@@ -514,7 +385,7 @@ def end_of_epoch(state: Progress, record: dict, val: dict, model, optimizer, acc
             "progress": state.__dict__,
             "rng": rng_state(),
             "config": config.to_dict(),
-        }, config.weights_path / "last.pt")
+        }, config.weights_path / RESUME_FILE)
     accelerator.wait_for_everyone()
     return state
 

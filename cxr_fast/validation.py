@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from cxr_fast.analyze.metrics import binary_metrics, roc_points
+from cxr_fast.metrics import binary_metrics, roc_points
 
 
 def best_threshold(label: np.ndarray, prob: np.ndarray) -> float:

@@ -7,7 +7,7 @@ import numpy as np
 from scipy import stats
 
 from cxr_fast.analyze.bootstrap import percentile_interval, point_and_resamples
-from cxr_fast.analyze.metrics import METRICS, metric_matrix
+from cxr_fast.metrics import METRICS, metric_matrix
 
 N_DATASETS, N_RESAMPLES, N_SUBJECTS = 200, 200, 100
 A, B_SUBJECT = 1.0, 1.5  # P(detected | positive, subject effect u) = Phi(A + B u), u ~ N(0, 1)

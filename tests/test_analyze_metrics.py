@@ -11,8 +11,8 @@ from sklearn.metrics import (balanced_accuracy_score, cohen_kappa_score, precisi
 
 from cxr_fast.analyze.bootstrap import percentile_interval, subject_counts, wald_p_value
 from cxr_fast.analyze.consistency import error_consistency
-from cxr_fast.analyze.metrics import binary_metrics
 from cxr_fast.analyze.stats import benjamini_hochberg, odds_ratio_woolf
+from cxr_fast.metrics import binary_metrics
 
 
 def random_case(rng: np.random.Generator, n: int, *, ties: bool = False):

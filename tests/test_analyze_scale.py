@@ -9,10 +9,10 @@ import pytest
 from cxr_fast.analyze import subgroup_table
 from cxr_fast.analyze.bootstrap import point_and_resamples
 from cxr_fast.analyze.consistency import kappa_arrays, task_consistency
-from cxr_fast.analyze.metrics import metric_matrix
 from cxr_fast.analyze.report import task_summary
 from cxr_fast.analyze.resampled import metric_values, resampled_tasks
 from cxr_fast.analyze.simulate import PlantedMiss
+from cxr_fast.metrics import metric_matrix
 from pred_fixtures import simulate_predictions
 
 B = 40

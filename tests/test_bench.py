@@ -46,6 +46,7 @@ def train_result(phantom_shards, tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_data_bench_measures_every_loader(data_result):
     assert data_result["kind"] == "data"
     assert data_result["command"].startswith("python -m cxr_fast.bench data ")
@@ -87,6 +88,7 @@ def test_unknown_loader_is_an_error(phantom_shards):
         main(["data", "--shards", str(phantom_shards), "--loaders", "resident,fast"])
 
 
+@pytest.mark.slow
 def test_train_bench_real_and_synthetic(train_result):
     assert train_result["kind"] == "train"
     settings = train_result["settings"]
@@ -107,6 +109,7 @@ def test_train_bench_synthetic_only_needs_no_shards(tmp_path):
     assert result["settings"]["channels_last"] is False
 
 
+@pytest.mark.slow
 def test_suite_report_and_markdown(data_result, train_result, tmp_path):
     data, train = DataResult.from_json(data_result), TrainResult.from_json(train_result)
     results = SuiteResult(command="python -m cxr_fast.bench suite", date=data.date, machine=data.machine, data=data,
@@ -125,6 +128,7 @@ def test_suite_report_and_markdown(data_result, train_result, tmp_path):
     assert train_result["command"] in text and "images/s per core" in text
 
 
+@pytest.mark.slow
 def test_records_read_back_what_they_wrote(data_result, train_result):
     assert DataResult.from_json(data_result).to_json() == data_result
     assert TrainResult.from_json(train_result).to_json() == train_result

@@ -28,7 +28,6 @@ from cxr_fast.data.cohort import (
     FRAME_COLUMNS,
     CohortOptions,
     add_cohort_arguments,
-    age_group,
     build_cohort,
     clean_age,
     cohort_from_args,
@@ -42,6 +41,7 @@ from cxr_fast.data.cohort import (
     task_labels,
 )
 from cxr_fast.errors import CxrError
+from cxr_fast.schema import age_group
 from cxr_fast.tasks import TASK_COLUMNS, TASKS
 
 NAN = float("nan")
@@ -520,6 +520,7 @@ def test_cohort_arguments_round_trip(tmp_path):
 # ---------------------------------------------------------------------------- performance
 
 
+@pytest.mark.slow
 def test_full_size_chexpert_builds_quickly(tmp_path):
     csv = write_big_chexpert_csv(tmp_path / "CheXpert-v1.0-small" / "train.csv", n_rows=223_414)
     start = time.perf_counter()

@@ -172,6 +172,7 @@ def training_config(shards, tmp_path, **overrides):
     return load_config("effusion_test_resnet", {**settings, **overrides})
 
 
+@pytest.mark.slow
 @needs_dali
 def test_training_with_dali_loader_learns(phantom_shards, tmp_path):
     from cxr_fast.train import train

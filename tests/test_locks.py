@@ -35,6 +35,7 @@ def test_a_second_writer_is_refused_with_the_holders_name(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_the_lock_of_a_killed_process_blocks_nobody(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:

@@ -13,8 +13,9 @@ import pytest
 
 from cxr_fast import sweep
 from cxr_fast.errors import CxrError
-from cxr_fast.predict import PREDICTION_COLUMNS, main as predict_main, predict
+from cxr_fast.predict import main as predict_main, predict
 from cxr_fast.recipes import load_config
+from cxr_fast.schema import PREDICTION_COLUMNS
 from cxr_fast.train import train
 
 RECIPE = "edema_test_convnext"
@@ -71,20 +72,49 @@ def test_predict_original_cli_form_and_missing_weights(phantom_shards, trained, 
 # ------------------------------------------------------------------ sweep
 
 
+def write_run(weights: Path, recipe: str, *, epoch: int, finished: bool, stopped_early: bool = False) -> Path:
+    """A recipe folder as training leaves it: status.json and a resume checkpoint."""
+    folder = weights / recipe
+    folder.mkdir(parents=True)
+    (folder / "status.json").write_text(json.dumps({
+        "recipe": recipe, "epoch": epoch, "epochs": epoch, "finished": finished, "stopped_early": stopped_early,
+        "best_epoch": 1, "best_balanced_accuracy": 0.5}))
+    (folder / "last.pt").write_bytes(b"resume state")
+    return folder
+
+
 def test_sweep_dry_run_lists_every_selected_recipe_and_skips_finished(tmp_path, capsys):
-    finished = tmp_path / "weights" / "effusion_resnet50"
-    finished.mkdir(parents=True)
-    (finished / "status.json").write_text(json.dumps({"recipe": "effusion_resnet50", "epoch": 3, "finished": True}))
-    unfinished = tmp_path / "weights" / "edema_resnet50"
-    unfinished.mkdir(parents=True)
-    (unfinished / "status.json").write_text(json.dumps({"recipe": "edema_resnet50", "epoch": 1, "finished": False}))
+    weights = tmp_path / "weights"
+    write_run(weights, "effusion_resnet50", epoch=3, finished=True)
+    write_run(weights, "edema_resnet50", epoch=1, finished=False)
+    write_run(weights, "effusion_convnext_base", epoch=2, finished=True)  # finished for epochs=2, not for 3
     assert sweep.main(["--tasks", "effusion,edema", "--archs", "resnet50,convnext_*", "--dry-run",
-                       f"weights_dir={tmp_path / 'weights'}", "epochs=3"]) == 0
+                       f"weights_dir={weights}", "epochs=3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 * 5 - 1
     assert not any("effusion_resnet50" in line for line in lines)
     assert any("--recipe edema_resnet50" in line for line in lines)
+    assert any("--recipe effusion_convnext_base" in line for line in lines)
     assert all(line.startswith(sys.executable) and line.endswith("epochs=3") for line in lines)
+
+
+def test_is_finished_is_what_training_would_do(tmp_path):
+    weights = tmp_path / "weights"
+    write_run(weights, "effusion_resnet50", epoch=2, finished=True)
+    write_run(weights, "edema_resnet50", epoch=2, finished=True)
+
+    def finished(recipe: str, epochs: int) -> int:
+        return sweep.main(["--is-finished", recipe, f"weights_dir={weights}", f"epochs={epochs}"])
+
+    assert finished("effusion_resnet50", 2) == 0 and finished("effusion_resnet50", 3) == 1
+    (weights / "effusion_resnet50" / "last.pt").unlink()
+    assert finished("effusion_resnet50", 2) == 1          # training would start over: not finished
+    (weights / "edema_resnet50" / "status.json").write_text("{not json")
+    assert finished("edema_resnet50", 2) == 1
+    write_run(weights, "fracture_resnet50", epoch=2, finished=True)
+    (weights / "fracture_resnet50" / "status.json").write_text(json.dumps({"recipe": "edema_resnet50", "epoch": 2,
+                                                                           "finished": True}))
+    assert finished("fracture_resnet50", 2) == 1          # another recipe's status
 
 
 def test_sweep_all_is_the_114_study_recipes(capsys):
@@ -135,6 +165,7 @@ def test_sweep_validates_every_config_before_running(capsys):
         sweep.main(["--archs", "resnet9", "--dry-run"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], ["--in-process"]], ids=["subprocess", "in-process"])
 def test_sweep_trains_locally_and_then_skips(phantom_shards, tmp_path, capsys, mode):
     settings = [f"shards={phantom_shards}", f"weights_dir={tmp_path / 'weights'}", f"runs_dir={tmp_path / 'runs'}",
@@ -144,3 +175,18 @@ def test_sweep_trains_locally_and_then_skips(phantom_shards, tmp_path, capsys, m
     capsys.readouterr()
     assert sweep.main(["--tasks", "effusion", "--archs", "test_resnet", "--dry-run", *settings]) == 0
     assert capsys.readouterr().out.strip() == ""
+
+
+@pytest.mark.slow
+def test_sweep_continues_a_finished_recipe_when_more_epochs_are_asked_for(phantom_shards, tmp_path, capsys):
+    settings = [f"shards={phantom_shards}", f"weights_dir={tmp_path / 'weights'}", f"runs_dir={tmp_path / 'runs'}",
+                "batch_size=16", "logger=none", "max_steps_per_epoch=2"]
+    selection = ["--tasks", "effusion", "--archs", "test_resnet", "--in-process"]
+    assert sweep.main([*selection, *settings, "epochs=2"]) == 0
+    capsys.readouterr()
+    assert sweep.main([*selection, *settings, "epochs=3"]) == 0
+    assert "1 recipes to train, 0 already finished" in capsys.readouterr().out
+    status = json.loads((tmp_path / "weights" / "effusion_test_resnet" / "status.json").read_text())
+    assert status["finished"] and status["epoch"] == 3
+    lines = (tmp_path / "runs" / "effusion_test_resnet" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]

@@ -1,21 +1,18 @@
-"""Model registry, recipe composition and validation, sampler, schedule."""
+"""Model registry, recipe composition and validation."""
 
 from __future__ import annotations
 
 import dataclasses
 import typing
 
-import numpy as np
 import pytest
 import torch
 
 from cxr_fast.errors import CxrError
 from cxr_fast.loading.augment import AugmentSettings
-from cxr_fast.loading.sampler import balanced_epoch, rank_share
 from cxr_fast.models import ARCHS, STUDY_ARCHS, build_model, get_arch, list_archs
 from cxr_fast.recipes import Augmentation, Config, all_recipes, load_config, recipe_from_legacy, split_recipe
 from cxr_fast.tasks import TASKS
-from cxr_fast.train import lr_at
 
 
 # ------------------------------------------------------------------ registry
@@ -38,6 +35,7 @@ def test_registry_names_are_current_timm_names_with_pretrained_tags():
         assert get_arch(slug).timm_name in pretrained, slug
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slug", STUDY_ARCHS)
 def test_every_study_arch_builds_and_runs_at_native_size(slug, recwarn):
     arch = get_arch(slug)
@@ -163,66 +161,6 @@ def test_recipe_names_and_the_original_cli_form():
             split_recipe(bad)
     with pytest.raises(CxrError, match="out of range"):
         recipe_from_legacy("6", "resnet50")
-
-
-# ------------------------------------------------------------------ sampler
-
-def _labels(n_pos: int, n_neg: int, seed: int = 0) -> np.ndarray:
-    labels = np.r_[np.ones(n_pos), np.zeros(n_neg)]
-    np.random.default_rng(seed).shuffle(labels)
-    return labels
-
-
-def test_sampler_is_exactly_balanced_with_every_minority_image():
-    labels = _labels(37, 400)
-    epoch = balanced_epoch(labels, seed=1, epoch=0)
-    assert len(epoch) == 74 and len(set(epoch)) == 74
-    assert labels[epoch].sum() == 37
-    assert set(np.flatnonzero(labels == 1)) <= set(epoch)
-
-
-def test_sampler_balances_when_positives_are_the_majority():
-    labels = _labels(300, 20)
-    epoch = balanced_epoch(labels, seed=0, epoch=3)
-    assert (labels[epoch] == 0).sum() == 20 and (labels[epoch] == 1).sum() == 20
-
-
-def test_sampler_is_a_pure_function_of_seed_and_epoch():
-    labels = _labels(50, 500)
-    assert np.array_equal(balanced_epoch(labels, seed=4, epoch=2), balanced_epoch(labels, seed=4, epoch=2))
-    assert not np.array_equal(balanced_epoch(labels, seed=4, epoch=2), balanced_epoch(labels, seed=4, epoch=3))
-    assert not np.array_equal(balanced_epoch(labels, seed=4, epoch=2), balanced_epoch(labels, seed=5, epoch=2))
-
-
-def test_rank_shares_are_disjoint_equal_and_cover_the_epoch():
-    epoch = balanced_epoch(_labels(51, 500), seed=0, epoch=0)  # 102 images, 4 ranks
-    shares = [rank_share(epoch, rank=r, world_size=4) for r in range(4)]
-    assert {len(share) for share in shares} == {25}
-    together = np.concatenate(shares)
-    assert len(set(together)) == 100 and set(together) <= set(epoch)
-
-
-def test_sampler_covers_the_majority_over_epochs():
-    labels = _labels(40, 400)
-    seen = set()
-    for epoch in range(150):  # each epoch draws 10% of the majority: 0.9**150 ~ 1e-7 per image
-        seen |= set(balanced_epoch(labels, seed=0, epoch=epoch))
-    assert seen == set(range(len(labels)))
-
-
-def test_sampler_needs_both_classes():
-    with pytest.raises(ValueError, match="both classes"):
-        balanced_epoch(np.ones(10), seed=0, epoch=0)
-
-
-# ------------------------------------------------------------------ schedule
-
-def test_lr_warms_up_then_decays_by_cosine_to_the_floor():
-    lrs = [lr_at(step, total_steps=100, warmup_steps=10, base_lr=1.0, min_lr_ratio=0.01) for step in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert lr_at(100, total_steps=100, warmup_steps=10, base_lr=1.0, min_lr_ratio=0.01) == pytest.approx(0.01)
-    assert lrs[55] == pytest.approx(0.01 + 0.99 * 0.5)
 
 
 def test_tasks_keep_the_original_label_index_order():

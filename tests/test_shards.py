@@ -206,6 +206,7 @@ def test_a_rerun_with_a_smaller_cohort_removes_the_shards_it_no_longer_has(phant
     assert digest_tree(out) == digest_tree(fresh)
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_locked_folder_exits_at_once_naming_the_holder(phantom_root, tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen(
@@ -267,6 +268,7 @@ def _expect_error(args: list[str], message: str, out: Path) -> None:
     assert not out.exists() or not any(out.iterdir()), "something was written"
 
 
+@pytest.mark.slow
 def test_missing_csv_is_one_line_naming_the_file(damaged_phantom, tmp_path):
     root, _ = damaged_phantom
     target = root / "mimic-cxr-jpg" / "mimic-cxr-2.0.0-chexpert.csv.gz"
@@ -274,6 +276,7 @@ def test_missing_csv_is_one_line_naming_the_file(damaged_phantom, tmp_path):
     _expect_error(shard_arguments(root, tmp_path / "out"), "chexpert", tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_missing_column_is_one_line_naming_file_and_column(damaged_phantom, tmp_path):
     root, _ = damaged_phantom
     path = root / "mimic-cxr-jpg" / "mimic-cxr-2.0.0-metadata.csv.gz"
@@ -283,10 +286,12 @@ def test_missing_column_is_one_line_naming_file_and_column(damaged_phantom, tmp_
     _expect_error(shard_arguments(root, tmp_path / "out"), "ViewPosition", tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_a_cohort_emptied_by_the_filters_is_an_error(phantom_root, tmp_path):
     _expect_error(shard_arguments(phantom_root, tmp_path / "out", "--views", "XX"), "no images", tmp_path / "out")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", ["0", "-3"])
 def test_a_shard_size_below_one_is_refused_before_anything_is_written(phantom_root, tmp_path, size):
     args = shard_arguments(phantom_root, tmp_path / "out")
@@ -294,6 +299,7 @@ def test_a_shard_size_below_one_is_refused_before_anything_is_written(phantom_ro
     _expect_error(args, f"--shard-size must be >= 1, got {size}", tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_an_unwritable_out_is_one_line_naming_it(phantom_root, tmp_path):
     # A path through a regular file cannot be created even by root (ENOTDIR); a 0o555
     # folder does the same for other users.

@@ -15,6 +15,7 @@ import torch
 from cxr_fast.bench.resume import kill_and_resume
 from cxr_fast.errors import CxrError
 from cxr_fast.recipes import load_config
+from cxr_fast.schema import STATUS_FIELDS
 from cxr_fast.train import NonFiniteLoss, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,8 @@ def test_two_epochs_learn_and_write_every_output(phantom_shards, tmp_path):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
     assert {"val_auroc", "val_balanced_accuracy", "val_sensitivity", "val_specificity", "images_per_second",
             "data_wait_share"} <= set(json.loads(lines[0]))
-    assert json.loads((tmp_path / "weights" / RECIPE / "status.json").read_text())["finished"] is True
+    status = json.loads((tmp_path / "weights" / RECIPE / "status.json").read_text())
+    assert status["finished"] is True and set(status) == set(STATUS_FIELDS)
     assert json.loads((tmp_path / "runs" / RECIPE / "config.json").read_text())["loader_used"] == "resident"
     # Rerunning a finished recipe does nothing and changes nothing.
     before = (folder / "last.pt").read_bytes()
@@ -116,9 +118,10 @@ def test_a_log_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2]
 
 
+@pytest.mark.slow
 def test_bf16_autocast_path_on_cpu(phantom_shards, tmp_path):
     from cxr_fast.models import build_model
-    from cxr_fast.train import make_accelerator
+    from cxr_fast.engine import make_accelerator
 
     accelerator = make_accelerator("bf16")
     model = accelerator.prepare(build_model("test_resnet", pretrained=False))
@@ -131,6 +134,7 @@ def test_bf16_autocast_path_on_cpu(phantom_shards, tmp_path):
     assert np.isfinite(result["history"][0]["train_loss"])
 
 
+@pytest.mark.slow
 def test_torch_compile_on_a_tiny_model(phantom_shards, tmp_path):
     result = train(load_config(RECIPE, small(phantom_shards, tmp_path, epochs=1, compile="on",
                                              max_steps_per_epoch=2, channels_last="true")), progress_bar=False)
@@ -149,6 +153,7 @@ def test_gradient_accumulation_takes_one_step_per_group(phantom_shards, tmp_path
     (["--recipe", RECIPE, "shards=/nonexistent"], "/nonexistent: no shards found"),
     (["9", "test_resnet"], "task index 9 is out of range"),
 ])
+@pytest.mark.slow
 def test_cli_errors_are_one_line_and_exit_2(args, message):
     done = subprocess.run([sys.executable, "-m", "cxr_fast.train", *args], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, WANDB_MODE="disabled"))

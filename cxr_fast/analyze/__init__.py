@@ -17,11 +17,11 @@ top-level calls):
 
 from cxr_fast.analyze.consistency import consistency_table, error_consistency
 from cxr_fast.analyze.inputs import load_predictions
-from cxr_fast.analyze.metrics import binary_metrics
 from cxr_fast.analyze.performance import model_table, subgroup_table
 from cxr_fast.analyze.pipeline import Analysis, Settings, analyze
 from cxr_fast.analyze.report import write_report
 from cxr_fast.analyze.systematic import systematic_images, systematic_table
+from cxr_fast.metrics import binary_metrics
 
 __all__ = [
     "Analysis", "Settings", "analyze", "binary_metrics", "consistency_table", "error_consistency",

@@ -60,13 +60,14 @@ import pandas as pd
 import statsmodels.api as sm
 from statsmodels.tools.sm_exceptions import PerfectSeparationWarning
 
-from cxr_fast.analyze.groups import UNKNOWN, VIEW, attribute_name, group_name, ordered_levels
+from cxr_fast.analyze.groups import attribute_name, group_name, ordered_levels
 from cxr_fast.analyze.inputs import TaskData, task_data
 from cxr_fast.analyze.stats import benjamini_hochberg, fisher_p_values, odds_ratios_woolf
 from cxr_fast.analyze.systematic import ERRORS, is_systematic
 from cxr_fast.analyze.threads import blas_single_threaded
+from cxr_fast.schema import DEMOGRAPHICS, UNKNOWN, VIEW
 
-ATTRIBUTES: tuple[str, ...] = ("sex", "age_group", "race", VIEW)
+ATTRIBUTES: tuple[str, ...] = (*DEMOGRAPHICS, VIEW)
 INTERACTIONS: tuple[tuple[str, str], ...] = (("sex", "race"), ("sex", "age_group"))
 SYSTEMATIC = "systematic"
 # An odds ratio beyond e^10 (~22,000) in either direction means the likelihood has no finite

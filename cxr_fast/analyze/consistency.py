@@ -21,10 +21,10 @@ import pandas as pd
 from scipy import stats
 
 from cxr_fast.analyze.bootstrap import percentile_interval, wald_z
-from cxr_fast.analyze.metrics import as_weight_matrix
 from cxr_fast.analyze.resampled import Resampled, resampled_tasks, scope_sums
 from cxr_fast.analyze.stats import benjamini_hochberg
 from cxr_fast.analyze.threads import blas_single_threaded
+from cxr_fast.metrics import as_weight_matrix
 
 DEGENERATE_NOTE = "both models always right (or both always wrong) here: c_exp = 1, kappa undefined (NaN)"
 

@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cxr_fast.analyze.groups import DEMOGRAPHICS, group_sort_key
+from cxr_fast.analyze.groups import group_sort_key
 from cxr_fast.analyze.inputs import TaskData
-from cxr_fast.analyze.metrics import roc_points, weighted_auroc
+from cxr_fast.metrics import roc_points, weighted_auroc
+from cxr_fast.schema import DEMOGRAPHICS
 
 DPI = 90
 MAX_MARKERS = 6  # forest plots show one marker per model up to this many models per task

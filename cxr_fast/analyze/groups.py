@@ -8,11 +8,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-DEMOGRAPHICS: tuple[str, ...] = ("sex", "age_group", "race")
-
-# The acquisition attribute: AP films are mostly portable, inpatient, sicker patients, so view
-# confounds demographic comparisons (Unknown for files written before it was recorded).
-VIEW = "view"
+from cxr_fast.schema import AGE_GROUPS, RACE_GROUPS, SEX_GROUPS, UNKNOWN, VIEW
 
 # Single attributes, then the two intersections the study reports (sex x race, sex x age).
 GROUPINGS: tuple[tuple[str, ...], ...] = (
@@ -20,13 +16,11 @@ GROUPINGS: tuple[tuple[str, ...], ...] = (
 )
 
 LEVEL_ORDER: dict[str, tuple[str, ...]] = {
-    "sex": ("F", "M", "Unknown"),
-    "age_group": ("0-20", "20-40", "40-60", "60-80", "80+", "Unknown"),
-    "race": ("White", "Black", "Asian", "Hispanic/Latino", "Other", "Unknown"),
-    VIEW: ("PA", "AP", "Unknown"),
+    "sex": (*SEX_GROUPS, UNKNOWN),
+    "age_group": (*AGE_GROUPS, UNKNOWN),
+    "race": (*RACE_GROUPS, UNKNOWN),
+    VIEW: ("PA", "AP", UNKNOWN),
 }
-
-UNKNOWN = "Unknown"
 
 
 def attribute_name(columns: tuple[str, ...]) -> str:

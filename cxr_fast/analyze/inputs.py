@@ -12,18 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr_fast.analyze.groups import DEMOGRAPHICS, UNKNOWN, VIEW
 from cxr_fast.errors import CxrError
 from cxr_fast.io import read_table
+from cxr_fast.schema import (DEMOGRAPHICS, PREDICTION_LATER_COLUMNS, PREDICTION_OPTIONAL_COLUMNS,
+                             PREDICTION_REQUIRED_COLUMNS, UNKNOWN)
 
-REQUIRED_COLUMNS: tuple[str, ...] = (
-    "key", "dicom_id", "subject_id", "split", "task", "arch",
-    "label", "prob", "pred", "sex", "age_group", "race",
-)
-# Carried into the image list when present; the analysis does not need them.
-OPTIONAL_COLUMNS: tuple[str, ...] = ("study_id", "age", "recipe", "threshold")
 # Attributes that files written before they existed lack: read as Unknown.
-OPTIONAL_ATTRIBUTES: tuple[str, ...] = (VIEW,)
+OPTIONAL_ATTRIBUTES: tuple[str, ...] = PREDICTION_LATER_COLUMNS
 IMAGE_COLUMNS: tuple[str, ...] = ("key", "dicom_id", "subject_id", "study_id", "label", "sex", "age", "age_group", "race", "view")
 
 
@@ -40,7 +35,7 @@ def prediction_files(pred_dir: str | Path) -> list[Path]:
 
 def read_prediction_file(path: Path, *, split: str) -> pd.DataFrame:
     """One model's rows of `split` with a label, validated; adds `source` (the file path)."""
-    frame = read_table(path, columns=REQUIRED_COLUMNS)
+    frame = read_table(path, columns=PREDICTION_REQUIRED_COLUMNS)
     tasks = frame["task"].dropna().unique()
     if len(tasks) != 1:
         raise CxrError(f"{path}: expected one task per prediction file, found {sorted(map(str, tasks))}")
@@ -60,7 +55,7 @@ def read_prediction_file(path: Path, *, split: str) -> pd.DataFrame:
             rows[column] = UNKNOWN
     for column in DEMOGRAPHICS + OPTIONAL_ATTRIBUTES:
         rows[column] = rows[column].fillna(UNKNOWN).astype(str)
-    for column in OPTIONAL_COLUMNS:
+    for column in PREDICTION_OPTIONAL_COLUMNS:
         if column not in rows:
             rows[column] = np.nan
     default_recipe = f"{tasks[0]}_{archs[0]}"
@@ -143,7 +138,7 @@ def check_shared_images(predictions: pd.DataFrame) -> None:
 def load_predictions(*, pred_dir: str | Path, split: str = "test") -> pd.DataFrame:
     """Every prediction file of `pred_dir`, rows of `split` with a label, stacked.
 
-    One row per (model, image); columns are REQUIRED_COLUMNS + OPTIONAL_COLUMNS + `source`.
+    One row per (model, image); columns are PREDICTION_REQUIRED_COLUMNS + PREDICTION_OPTIONAL_COLUMNS + `source`.
     """
     frames = [read_prediction_file(path, split=split) for path in prediction_files(pred_dir)]
     predictions = pd.concat(frames, ignore_index=True)

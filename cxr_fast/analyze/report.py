@@ -14,12 +14,13 @@ import numpy as np
 import pandas as pd
 
 from cxr_fast.analyze import figures
-from cxr_fast.analyze.groups import DEMOGRAPHICS, group_sort_key
+from cxr_fast.analyze.groups import group_sort_key
 from cxr_fast.analyze.inputs import task_data
-from cxr_fast.analyze.metrics import MODEL_METRICS
 from cxr_fast.analyze.pipeline import DEFINITIONS, Analysis, versions
 from cxr_fast.errors import CxrError
 from cxr_fast.io import atomic_folder, write_bytes, write_csv, write_json
+from cxr_fast.metrics import MODEL_METRICS
+from cxr_fast.schema import DEMOGRAPHICS
 
 METRIC_LABELS = {
     "prevalence": "prevalence", "auroc": "AUROC", "balanced_accuracy": "balanced accuracy",

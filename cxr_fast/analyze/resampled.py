@@ -28,7 +28,7 @@ from scipy import sparse
 from cxr_fast.analyze.bootstrap import subject_weights
 from cxr_fast.analyze.groups import iter_groups
 from cxr_fast.analyze.inputs import TaskData, task_data
-from cxr_fast.analyze.metrics import metrics_from_confusion
+from cxr_fast.metrics import metrics_from_confusion
 
 RESAMPLE_BLOCK = 64  # resamples per AUROC block: (images x 64) int32 arrays stay within L2/L3
 

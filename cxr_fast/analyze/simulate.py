@@ -25,11 +25,10 @@ import numpy as np
 import pandas as pd
 
 from cxr_fast.io import write_parquet
+from cxr_fast.schema import PREDICTION_COLUMNS, age_group
 
 SEX_P = {"F": 0.49, "M": 0.49, "Unknown": 0.02}
 RACE_P = {"White": 0.6, "Black": 0.15, "Asian": 0.05, "Hispanic/Latino": 0.06, "Other": 0.06, "Unknown": 0.08}
-AGE_BINS = [0, 20, 40, 60, 80, np.inf]
-AGE_LABELS = ["0-20", "20-40", "40-60", "60-80", "80+"]
 
 
 @dataclass(frozen=True)
@@ -74,12 +73,11 @@ def _quota_draw(rng: np.random.Generator, n: int, probabilities: dict[str, float
 def _demographics(rng: np.random.Generator, n_subjects: int) -> pd.DataFrame:
     age = np.clip(rng.normal(60, 18, n_subjects), 1, 100).round()
     age[rng.random(n_subjects) < 0.02] = np.nan
-    age_group = pd.cut(age, AGE_BINS, right=False, labels=AGE_LABELS).astype(object)
     people = pd.DataFrame({
         "subject_id": 10_000_000 + np.arange(n_subjects),
         "sex": rng.choice(list(SEX_P), n_subjects, p=list(SEX_P.values())),
         "age": age,
-        "age_group": np.where(pd.isna(age_group), "Unknown", age_group),
+        "age_group": age_group(pd.Series(age)).to_numpy(),
     })
     # Race in exact proportions within every sex x age cell: a planted race effect then does
     # not leak into the sex or age results through a chance imbalance in who is in them.
@@ -146,9 +144,7 @@ def simulate_predictions(
                 task=task, arch=arch, recipe=f"{task}_{arch}", label=label, prob=prob,
                 pred=(prob >= 0.5).astype(int), threshold=0.5,
             ))
-    columns = ["key", "dicom_id", "subject_id", "study_id", "split", "task", "arch", "recipe", "label", "prob",
-               "pred", "threshold", "sex", "age", "age_group", "race", "view"]
-    return pd.concat(frames, ignore_index=True)[columns]
+    return pd.concat(frames, ignore_index=True)[list(PREDICTION_COLUMNS)]
 
 
 def write_prediction_files(*, predictions: pd.DataFrame, pred_dir: str | Path) -> list[Path]:

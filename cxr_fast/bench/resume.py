@@ -28,6 +28,7 @@ from typing import NoReturn, Sequence
 from cxr_fast.bench.machine import now, training_device
 from cxr_fast.bench.records import ResumeResult, RunRecord
 from cxr_fast.errors import CxrError, run_cli
+from cxr_fast.schema import RESUME_FILE, STATUS_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 # Timings differ between any two runs; everything else in a metrics line must not.
@@ -59,18 +60,18 @@ def kill_and_resume(shards: Path, work: Path, *, recipe: str = "effusion_test_re
             return _failed(result, "the uninterrupted reference run failed")
 
     weights = killed_dir / "weights" / recipe
-    result.first_run, result.killed = kill_after(kill_after_epoch, arguments, weights / "status.json",
+    result.first_run, result.killed = kill_after(kill_after_epoch, arguments, weights / STATUS_FILE,
                                                  Path(work) / "killed.log", timeout)
     if not result.killed:
         return _failed(result, f"the first run did not reach the end of epoch {kill_after_epoch} "
                                f"(exit status {result.first_run.returncode})")
-    result.epoch_at_kill = _checkpoint_epoch(weights / "last.pt")
+    result.epoch_at_kill = _checkpoint_epoch(weights / RESUME_FILE)
     result.second_run = run_to_end(arguments, Path(work) / "resumed.log", timeout)
     resumed = re.search(r"resuming after epoch (\d+)", (Path(work) / "resumed.log").read_text(errors="replace"))
     result.resumed_after_epoch = int(resumed.group(1)) if resumed else None
     metrics = killed_dir / "runs" / recipe / "metrics.jsonl"
     result.logged_epochs = [record["epoch"] for record in _metrics(metrics)]
-    status_file = weights / "status.json"
+    status_file = weights / STATUS_FILE
     result.status = json.loads(status_file.read_text()) if status_file.is_file() else {}
     result.checks = {
         "rerun exits 0": result.second_run.returncode == 0,

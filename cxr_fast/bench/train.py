@@ -31,7 +31,7 @@ def bench_train(*, arch: str, loader: str = "resident", image_size: int = 0, bat
     from cxr_fast.loading import choose_loader, make_loader, with_shards_resolved
     from cxr_fast.loading.sampler import balanced_epoch
     from cxr_fast.recipes import load_config
-    from cxr_fast.train import compile_model, labelled_batches, load_task_data, make_accelerator, prepare_model, train_step
+    from cxr_fast.engine import compile_model, labelled_batches, load_task_data, make_accelerator, prepare_model, train_step
 
     if loader not in TRAIN_LOADERS:
         raise CxrError(f"unknown loader {loader!r}; choose from {', '.join(TRAIN_LOADERS)}")

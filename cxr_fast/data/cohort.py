@@ -81,13 +81,12 @@ import pandas as pd
 
 from cxr_fast.errors import CxrError
 from cxr_fast.io import read_table
+from cxr_fast.schema import SPLITS, UNKNOWN, age_group
 from cxr_fast.tasks import TASK_COLUMNS, TASKS
 
 SOURCES = ("mimic", "chexpert", "nih")
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
 SPLIT_METHODS = ("random", "official")
-SPLITS = ("train", "val", "test")
-UNKNOWN = "Unknown"
 
 FRAME_COLUMNS: tuple[str, ...] = (
     "key", "dicom_id", "subject_id", "study_id", "path", "view",
@@ -102,7 +101,6 @@ UNCERTAIN_VALUE = {"ignore": np.nan, "zeros": 0.0, "ones": 1.0}
 # Every source column any task reads, once, in a stable order.
 LABEL_COLUMNS: tuple[str, ...] = tuple(dict.fromkeys(c for columns in TASK_COLUMNS.values() for c in columns))
 
-AGE_GROUPS = ("0-20", "20-40", "40-60", "60-80", "80+")
 PLAUSIBLE_AGE = (0.0, 120.0)
 
 # Upper-cased prefix -> group; the first matching prefix wins, no match -> "Other".
@@ -289,15 +287,6 @@ def mimic_age(anchor_age: pd.Series, anchor_year: pd.Series, study_date: pd.Seri
     """Age at the study: anchor_age + (year(StudyDate) - anchor_year); StudyDate is YYYYMMDD."""
     study_year = np.floor(_numbers(study_date) / 10_000)
     return _numbers(anchor_age) + study_year - _numbers(anchor_year)
-
-
-def age_group(age: pd.Series) -> pd.Series:
-    """`0-20` (< 20), `20-40`, `40-60`, `60-80`, `80+`, `Unknown` (NaN); 20 is in `20-40`."""
-    values = pd.to_numeric(age, errors="coerce").to_numpy(np.float64)
-    with np.errstate(invalid="ignore"):
-        conditions = [np.isnan(values), values < 20, values < 40, values < 60, values < 80]
-    groups = np.select(conditions, [UNKNOWN, *AGE_GROUPS[:4]], default=AGE_GROUPS[4])
-    return pd.Series(groups, index=age.index, dtype=object).astype(str)
 
 
 def race_group(value: object) -> str:

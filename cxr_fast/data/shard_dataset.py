@@ -22,10 +22,10 @@ from cxr_fast.data.cohort import add_cohort_arguments, cohort_from_args
 from cxr_fast.errors import CxrError, run_cli
 from cxr_fast.io import package_versions, remove_stale_temporaries, write_csv, write_json, write_parquet
 from cxr_fast.locks import exclusive_lock
+from cxr_fast.schema import DEMOGRAPHICS, MANIFEST_FILE, SPLITS
 from cxr_fast.tasks import TASKS
 
 VERSIONED_PACKAGES = ("cxr_fast", "numpy", "pandas", "pyarrow", "pillow", "pydicom")
-DEMOGRAPHICS = ("sex", "age_group", "race")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,7 +65,7 @@ def apply_limit(cohort: pd.DataFrame, exclusions: pd.DataFrame, limit: int | Non
 
 def counts(frame: pd.DataFrame, exclusions: pd.DataFrame) -> dict:
     """Images per split, per task (positive/negative/excluded) and per demographic group."""
-    by_split = {split: frame[frame["split"] == split] for split in shards.SPLITS}
+    by_split = {split: frame[frame["split"] == split] for split in SPLITS}
     return {
         "images": {split: len(part) for split, part in by_split.items()} | {"all": len(frame)},
         "subjects": {split: int(part["subject_id"].nunique()) for split, part in by_split.items()},
@@ -113,7 +113,7 @@ def write_outputs(args: argparse.Namespace, source: str, frame: pd.DataFrame, ex
         shards.check_settings(out, settings, args.shard_size)  # a refused rerun changes nothing
         # The manifest is written last, so a folder that has one is finished; this run may
         # rewrite shards (moving offsets), so it goes first.
-        (out / "manifest.parquet").unlink(missing_ok=True)
+        (out / MANIFEST_FILE).unlink(missing_ok=True)
     write_parquet(out / "cohort.parquet", frame)
     meta = {"source": source, "arguments": recorded_arguments(args), "versions": package_versions(VERSIONED_PACKAGES)}
     if args.cohort_only:
@@ -129,7 +129,7 @@ def write_outputs(args: argparse.Namespace, source: str, frame: pd.DataFrame, ex
     if manifest.empty:
         raise CxrError(f"{out}: no image could be read (see {out / 'exclusions.csv'})")
     exclusions = pd.concat([exclusions, shards.unreadable_from_parts(parts)], ignore_index=True)
-    write_parquet(out / "manifest.parquet", manifest)
+    write_parquet(out / MANIFEST_FILE, manifest)
     write_csv(out / "exclusions.csv", exclusions)
     checksums = {part["shard"]: {"sha256": part["sha256"], "images": len(part["members"])} for part in parts if part["shard"]}
     write_json(out / "meta.json", meta | {"counts": counts(manifest, exclusions), "shards": checksums})

@@ -40,9 +40,9 @@ from PIL import Image
 
 from cxr_fast.errors import CxrError
 from cxr_fast.io import atomic_path, write_bytes, write_json
+from cxr_fast.schema import PLACEMENT_COLUMNS, SPLITS
 from cxr_fast.tasks import TASKS
 
-SPLITS = ("train", "val", "test")
 PARTS_DIR = ".parts"
 PLAN_FILE = "plan.json"
 SAMPLE_FIELDS = ("key", "dicom_id", "subject_id", "study_id", "split", "view", "sex", "age", "age_group", "race")
@@ -355,7 +355,7 @@ def write_shards(
 def manifest_from_parts(cohort: pd.DataFrame, parts: list[dict]) -> pd.DataFrame:
     records = [dict(member, shard=part["shard"]) for part in parts for member in part["members"]]
     placed = pd.DataFrame.from_records(
-        records, columns=["key", "shard", "offset", "nbytes", "height", "width"]
+        records, columns=list(PLACEMENT_COLUMNS)
     ).astype({"offset": "int64", "nbytes": "int64", "height": "int32", "width": "int32"})
     manifest = cohort.merge(placed, on="key", how="inner", validate="one_to_one")
     return manifest.sort_values(["shard", "offset"], kind="stable").reset_index(drop=True)

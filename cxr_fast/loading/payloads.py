@@ -11,8 +11,7 @@ import pandas as pd
 
 from cxr_fast.errors import CxrError
 from cxr_fast.io import read_table
-
-MANIFEST_COLUMNS = ("key", "split", "shard", "offset", "nbytes")
+from cxr_fast.schema import MANIFEST_COLUMNS, MANIFEST_FILE
 
 
 def stored_size(folder: Path) -> int | None:
@@ -48,7 +47,7 @@ def resolve_shards(listed: str | os.PathLike, load_size: int) -> Path:
 
 
 def read_manifest(shards_dir: str | os.PathLike) -> pd.DataFrame:
-    path = Path(shards_dir) / "manifest.parquet"
+    path = Path(shards_dir) / MANIFEST_FILE
     if not path.is_file():
         raise CxrError(f"{path}: not found; build shards first (make shards, or tools/shard_dataset.py)")
     return read_table(path, columns=MANIFEST_COLUMNS)
