@@ -229,18 +229,10 @@ def _run_part(name: str, scale: Scale, tiny: bool, work: Path, result: GpuCheckR
     started = time.perf_counter()
     command = [sys.executable, "-m", "cxr_fast.bench.gpu_check", name, str(work), *(["--tiny"] if tiny else []),
                *(["--no-compile"] if result.preflight["compile"] != "ok" else [])]
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
-           "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    with open(log, "w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
-        try:
-            returncode = process.wait(timeout=budget)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            returncode = None
+    from cxr_fast.bench.machine import start_logged, wait_or_kill
+
+    process = start_logged(command, log, env={"TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")})
+    returncode = wait_or_kill(process, budget)
     part = _read_part(part_file)
     part.seconds, part.budget_seconds = round(time.perf_counter() - started, 1), budget
     if returncode is None:

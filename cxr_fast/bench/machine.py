@@ -9,6 +9,7 @@ import re
 import shlex
 import socket
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,30 @@ import torch
 
 from cxr_fast.bench.records import Gpu, Machine, Rate
 from cxr_fast.loading.workers import usable_cores  # re-exported for the bench modules
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_logged(command: list[str], log: Path, *, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a child with its output in `log` (a file, not a pipe: a child nobody reads from
+    cannot block on a full pipe), W&B off, unbuffered, this project first on its import path."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    child_env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+                 "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+                 **(env or {})}
+    with open(log, "w") as output:
+        return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=child_env)
+
+
+def wait_or_kill(process: subprocess.Popen, timeout: float) -> int | None:
+    """The child's exit status, or None when it ran past `timeout` seconds and was killed."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return None
 
 
 def training_device() -> torch.device:

@@ -19,18 +19,16 @@ import re
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-from cxr_fast.bench.machine import now, training_device
+from cxr_fast.bench.machine import now, start_logged, training_device, wait_or_kill
 from cxr_fast.bench.records import ResumeResult, RunRecord
 from cxr_fast.errors import CxrError, run_cli
 from cxr_fast.schema import RESUME_FILE, STATUS_FILE
 
-ROOT = Path(__file__).resolve().parents[2]
 # Timings differ between any two runs; everything else in a metrics line must not.
 TIMING_KEYS = ("images_per_second", "data_wait_share", "epoch_seconds")
 EXIT_ORPHANED = 3
@@ -102,21 +100,15 @@ def train_arguments(shards: Path, out: Path, *, recipe: str, epochs: int, settin
 def run_to_end(arguments: list[str], log: Path, timeout: float) -> RunRecord:
     """`python -m cxr_fast.train arguments`, output to `log`; killed after `timeout` s (a hang)."""
     started = time.perf_counter()
-    process = _start([sys.executable, "-m", "cxr_fast.train", *arguments], log)
-    try:
-        returncode = process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        returncode = None
-    return _record(started, returncode, log)
+    process = start_logged([sys.executable, "-m", "cxr_fast.train", *arguments], log)
+    return _record(started, wait_or_kill(process, timeout), log)
 
 
 def kill_after(epoch: int, arguments: list[str], status_file: Path, log: Path, timeout: float) -> tuple[RunRecord, bool]:
     """Start the run held after `epoch`, SIGKILL it once status.json says that epoch is done.
     Returns its record and whether it was killed there (False: it failed or hung first)."""
     started = time.perf_counter()
-    process = _start([sys.executable, "-c", _HOLD, str(epoch), *arguments], log)
+    process = start_logged([sys.executable, "-c", _HOLD, str(epoch), *arguments], log)
     deadline = time.monotonic() + timeout
     while process.poll() is None and _status_epoch(status_file) < epoch and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -163,15 +155,6 @@ def differing_weights(expected: Path, actual: Path) -> list[str]:
         differing += [f"{name}: {key}" for key in sorted(set(a) | set(b))
                       if key not in a or key not in b or not torch.equal(a[key], b[key])]
     return differing
-
-
-def _start(command: list[str], log: Path) -> subprocess.Popen:
-    # Output to a file, not a pipe: a run that is never read from cannot block on a full pipe.
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    with open(log, "w") as output:
-        return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
 
 
 def _record(started: float, returncode: int | None, log: Path) -> RunRecord:
