@@ -79,19 +79,107 @@ def make_accelerator(precision: str, *, grad_accum: int = 1):
 
 
 def prepare_model(config: Config, accelerator, image_size: int):
-    """The recipe's model (channels-last if asked) and AdamW, prepared by Accelerate."""
+    """The recipe's model (channels-last if asked) on this process's device and AdamW (fused
+    on CUDA), prepared by Accelerate."""
     model = build_model(config.arch, pretrained=config.pretrained, image_size=image_size,
                         pretrained_file=config.pretrained_file)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    model = model.to(accelerator.device)  # before AdamW, which picks its kernel by where the parameters are
+    parameters = list(model.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=peak_lr(config, accelerator.num_processes),
+                                  weight_decay=config.weight_decay, fused=use_fused_adamw(parameters))
     return accelerator.prepare(model, optimizer)
 
 
+def peak_lr(config: Config, num_processes: int) -> float:
+    """The learning rate after warm-up: `lr`, times the process count with lr_scaling=linear."""
+    return config.lr * num_processes if config.lr_scaling == "linear" else config.lr
+
+
+def use_fused_adamw(parameters) -> bool | None:
+    """Fused AdamW (one kernel for all parameters) when every parameter is on CUDA; None lets
+    torch choose elsewhere (its CPU default)."""
+    parameters = list(parameters)
+    return True if parameters and all(p.device.type == "cuda" for p in parameters) else None
+
+
+def configure_backends(config: Config, device: torch.device) -> None:
+    """cuDNN autotuning on CUDA (fixed shapes: every batch is full), unless determinism is asked."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not config.deterministic
+
+
 def compile_model(model: torch.nn.Module, config: Config, device: torch.device):
-    """The callable used for forward passes; compiled on CUDA by default (costly, useless on CPU)."""
+    """The callable used for forward passes; compiled on CUDA by default (costly, useless on CPU).
+
+    Dynamo is reset first: its caches and recompile counters are process-wide, and after a few
+    models in one process (predict --all, sweep --in-process, a notebook) the recompile limit
+    would silently leave every further model uncompiled.
+    """
     wanted = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
-    return torch.compile(model) if wanted else model
+    if not wanted:
+        return model
+    torch._dynamo.reset()
+    return torch.compile(model)
+
+
+# ------------------------------------------------------------------ memory
+
+ACTIVATION_BYTES_PER_INPUT_BYTE = 512  # CPU estimate: ~100 MB per 224 px image for resnet50 in fp32
+
+
+def loader_budget_bytes(model: torch.nn.Module, config: Config, accelerator, image_size: int, *,
+                        training: bool = True) -> int:
+    """Bytes the resident loader may take on this process's device: `device_memory_budget` of the
+    free memory left once the model is there (it already is), with its training state and one
+    batch's activations set aside (measured on CUDA when training, estimated otherwise)."""
+    from cxr_fast.loading import device_memory_bytes, resident_budget
+
+    device = accelerator.device
+    batch_size = config.resolved_batch_size
+    if training and device.type == "cuda":
+        activations = measured_activation_bytes(model, accelerator, batch_size, image_size, config.channels_last)
+    else:
+        activations = estimated_activation_bytes(batch_size, image_size)
+    return resident_budget(free_bytes=device_memory_bytes(device), parameter_bytes=parameter_bytes(model),
+                           activation_bytes=activations, share=config.device_memory_budget, training=training)
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def estimated_activation_bytes(batch_size: int, image_size: int) -> int:
+    return batch_size * image_size ** 2 * 4 * ACTIVATION_BYTES_PER_INPUT_BYTE
+
+
+def measured_activation_bytes(model: torch.nn.Module, accelerator, batch_size: int, image_size: int,
+                              channels_last: bool) -> int:
+    """Peak memory of one training forward+backward beyond the model (and its gradients, counted
+    with the optimiser state). No optimiser step; the gradients are dropped, the buffers (batch-norm
+    statistics) restored and the RNG streams forked, so the run itself is unchanged."""
+    device = accelerator.device
+    buffers = [buffer.clone() for buffer in model.buffers()]
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.random.fork_rng(devices=[device]):
+        images = torch.rand(batch_size, 1, image_size, image_size, device=device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        model.train()
+        with accelerator.autocast():
+            loss = model(images).float().mean()
+        loss.backward()
+    peak = torch.cuda.max_memory_allocated(device)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for buffer, saved in zip(model.buffers(), buffers):
+            buffer.copy_(saved)
+    del images, loss, buffers
+    torch.cuda.empty_cache()
+    return max(0, peak - before - parameter_bytes(model))
 
 
 def model_wants_channels_last(model: torch.nn.Module) -> bool:
@@ -133,8 +221,31 @@ def train_step(images: torch.Tensor, target: torch.Tensor, lr: float, *, model, 
 
 @torch.no_grad()
 def predict_probs(forward, model: torch.nn.Module, loader, indices: np.ndarray, accelerator) -> np.ndarray:
-    """Sigmoid probabilities for `indices`, in order (every process evaluates the whole list)."""
+    """Sigmoid probabilities for `indices`, in order, on every process.
+
+    Each process evaluates one contiguous share (padded to equal length, so every process runs
+    the same number of batches: a DDP forward may be a collective); the shares are gathered
+    back in the original order.
+    """
     model.eval()
+    share, count = eval_share(np.asarray(indices), rank=accelerator.process_index, world_size=accelerator.num_processes)
+    probs = _probs(forward, model, loader, share, accelerator)
+    if accelerator.num_processes > 1:
+        probs = accelerator.gather(probs)
+    return probs[:count].cpu().numpy()
+
+
+def eval_share(indices: np.ndarray, *, rank: int, world_size: int) -> tuple[np.ndarray, int]:
+    """(this rank's contiguous part of `indices`, padded to ceil(n / world_size) with the last
+    index, len(indices)). Concatenating every rank's part gives `indices`, then the padding."""
+    length = -(-len(indices) // world_size)
+    part = indices[rank * length:(rank + 1) * length]
+    if len(part) < length:
+        part = np.concatenate([part, np.full(length - len(part), indices[-1], dtype=indices.dtype)])
+    return part, len(indices)
+
+
+def _probs(forward, model: torch.nn.Module, loader, indices: np.ndarray, accelerator) -> torch.Tensor:
     chunks = []
     with accelerator.autocast():
         for images in loader.eval_batches(indices):
@@ -145,4 +256,4 @@ def predict_probs(forward, model: torch.nn.Module, loader, indices: np.ndarray, 
             if images.is_floating_point() and model_wants_channels_last(model):
                 images = images.contiguous(memory_format=torch.channels_last)
             chunks.append(torch.sigmoid(forward(images).float().squeeze(1))[:count])
-    return torch.cat(chunks).cpu().numpy() if chunks else np.zeros(0, dtype=np.float32)
+    return torch.cat(chunks) if chunks else torch.zeros(0, device=accelerator.device)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxr_fast.engine import compile_model, make_accelerator, predict_probs
+from cxr_fast.engine import compile_model, loader_budget_bytes, make_accelerator, predict_probs
 from cxr_fast.errors import CxrError, run_cli
 from cxr_fast.io import write_parquet
 from cxr_fast.loading import choose_loader, make_loader, with_shards_resolved
@@ -47,7 +47,8 @@ def predict(recipe: str, overrides: dict | None = None, *, split: str = "test", 
     weights_dir = Path(overrides.get("weights_dir", load_config(recipe).weights_dir))
     record, weights = load_best(weights_dir / recipe, recipe)
     saved = {key: value for key, value in record["config"].items() if key not in ("recipe", "task", "arch")}
-    trained = with_shards_resolved(load_config(recipe, saved | overrides))
+    # One pass over a split does not repay a compilation: compile only when asked (compile=on).
+    trained = with_shards_resolved(load_config(recipe, saved | {"compile": "off"} | overrides))
     accelerator = make_accelerator(trained.precision)
     device = accelerator.device
 
@@ -58,15 +59,16 @@ def predict(recipe: str, overrides: dict | None = None, *, split: str = "test", 
         raise CxrError(f"{Path(trained.shards) / 'manifest.parquet'}: no labelled {split} images for task {trained.task!r}")
 
     settings = AugmentSettings.from_config(trained)
-    kind = choose_loader(trained.loader, n_images=len(rows), settings=settings, device=device,
-                         budget=trained.device_memory_budget)
-    loader = make_loader(kind, rows, Path(trained.shards), settings, device=device,
-                         batch_size=trained.resolved_batch_size, seed=trained.seed, threads=trained.decode_threads)
     model = build_model(trained.arch, pretrained=False, image_size=settings.image_size)
     model.load_state_dict(weights)
     if trained.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = accelerator.prepare(model)
+    kind = choose_loader(trained.loader, n_images=len(rows), settings=settings,
+                         budget_bytes=lambda: loader_budget_bytes(model, trained, accelerator, settings.image_size,
+                                                                  training=False))
+    loader = make_loader(kind, rows, Path(trained.shards), settings, device=device,
+                         batch_size=trained.resolved_batch_size, seed=trained.seed, threads=trained.decode_threads)
     probs = predict_probs(compile_model(model, trained, device), model, loader, np.arange(len(rows)), accelerator)
 
     threshold = float(record["threshold"])
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="every recipe with a best checkpoint under weights_dir")
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="test")
     parser.add_argument("--out-dir", type=Path, default=Path("all_pred"))
-    parser.add_argument("rest", nargs="*", help="`<label_index> <arch>` and/or key=value (shards=, weights_dir=, loader=)")
+    parser.add_argument("rest", nargs="*", help="`<label_index> <arch>` and/or key=value (shards=, weights_dir=, loader=, compile=on)")
     args = parser.parse_intermixed_args(argv)
     positional = [item for item in args.rest if "=" not in item]
     overrides = [item for item in args.rest if "=" in item]

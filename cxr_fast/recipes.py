@@ -100,14 +100,20 @@ class Config(Augmentation):
     batch_size: int = setting(0, at_least=0)
     """Per-device batch size; 0: the arch's default."""
     device_memory_budget: float = setting(0.5, above=0, at_most=1)
-    """Share of device memory `loader=auto` lets the resident loader use."""
+    """`loader=auto`: the share of device memory the resident loader may use, of what is left once
+    the model is on the device and its gradients, AdamW state (3 x the parameter bytes) and one
+    batch's activations (measured on CUDA, estimated on a CPU) are set aside."""
     decode_threads: int = setting(0, at_least=0)
     """JPEG decoding threads; 0: this process's share of its cores, capped (loading/workers.py)."""
     # ------------------------------------------------------------------ optimisation
     epochs: int = setting(500, above=0)
     """Epochs of balanced sampling (the majority downsampled to the minority each epoch)."""
     lr: float = setting(1e-4, above=0)
-    """Peak learning rate (AdamW), reached after warm-up."""
+    """Peak learning rate (AdamW), reached after warm-up; see `lr_scaling` for several processes."""
+    lr_scaling: Literal["none", "linear"] = "none"
+    """How `lr` follows the number of processes. `none` (the study): `lr` as given, whatever the
+    process count, although the global batch is batch_size x processes x grad_accum.
+    `linear`: lr x number of processes (the linear scaling rule for a larger global batch)."""
     weight_decay: float = setting(0.05, at_least=0)
     """AdamW weight decay."""
     warmup_epochs: float = setting(1.0, at_least=0)
@@ -147,6 +153,11 @@ class Config(Augmentation):
     """`wandb` logs offline without a login; `none`: metrics.jsonl only."""
     wandb_project: str = "cxr_fast"
     """W&B project name."""
+    checkpoint_every: int = setting(0, at_least=0)
+    """Epochs between resume checkpoints (`last.pt`, weights + AdamW: ~3.6 GB for beit_large);
+    the final epoch and an early stop are always saved. 0: automatic, skip a save while less
+    than 20 x the previous save's duration has passed since it (saving stays under ~5% of the
+    run). A resume redoes the epochs after the last save."""
     log_every: int = setting(50, above=0)
     """Steps between progress updates (the only host syncs)."""
     restart: bool = False

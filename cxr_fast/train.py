@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from cxr_fast.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
-from cxr_fast.engine import (SplitData, compile_model, labelled_batches, load_task_data, make_accelerator,
-                             predict_probs, prepare_model, train_step)
+from cxr_fast.engine import (SplitData, compile_model, configure_backends, labelled_batches, load_task_data,
+                             loader_budget_bytes, make_accelerator, peak_lr, predict_probs, prepare_model, train_step)
 from cxr_fast.errors import CxrError, one_line, run_cli
 from cxr_fast.io import atomic_path, remove_stale_temporaries, write_json
 from cxr_fast.locks import exclusive_lock
@@ -234,20 +234,22 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(config.seed)
 
+    configure_backends(config, device)
+
     # The folder read is resolved from the listed ones; what is saved (status.json, last.pt,
     # best.json) keeps the requested `shards`, so a rerun compares like with like.
     shards_dir = Path(with_shards_resolved(config).shards)
     train_data, val_data = load_task_data(replace(config, shards=str(shards_dir)))
     settings = AugmentSettings.from_config(config)
     batch_size = config.resolved_batch_size
+    # The model first: the resident loader gets a share of what the model leaves free.
+    model, optimizer = prepare_model(config, accelerator, settings.image_size)
     kind = choose_loader(config.loader, n_images=len(train_data.rows) + len(val_data.rows), settings=settings,
-                         device=device, budget=config.device_memory_budget)
+                         budget_bytes=lambda: loader_budget_bytes(model, config, accelerator, settings.image_size))
     loaders = {name: make_loader(kind, data.rows, shards_dir, settings, device=device,
                                  batch_size=batch_size, seed=config.seed, rank=accelerator.process_index,
                                  threads=config.decode_threads)
                for name, data in (("train", train_data), ("val", val_data))}
-
-    model, optimizer = prepare_model(config, accelerator, settings.image_size)
 
     state = Progress()
     last_path = config.weights_path / RESUME_FILE
@@ -261,9 +263,11 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
     steps_per_epoch = steps_in_epoch(train_data, config, batch_size, accelerator.num_processes)
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+    base_lr = peak_lr(config, accelerator.num_processes)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     labels_on_device = torch.as_tensor(train_data.labels, device=device)
     log = MetricsLog(config, enabled=accelerator.is_main_process, resume_epoch=state.epoch)
+    clock = CheckpointClock(every=config.checkpoint_every, saved_epoch=state.epoch)
     if accelerator.is_main_process:
         write_json(config.run_path / "config.json", config.to_dict() | {"loader_used": kind, "shards_used": str(shards_dir)})
 
@@ -287,7 +291,7 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
                 images, target = next(batches)
                 waited += time.perf_counter() - tick
                 lr = lr_at(state.step, total_steps=total_steps, warmup_steps=warmup_steps,
-                           base_lr=config.lr, min_lr_ratio=config.min_lr_ratio)
+                           base_lr=base_lr, min_lr_ratio=config.min_lr_ratio)
                 loss = train_step(images, target, lr, model=model, forward=forward, optimizer=optimizer,
                                   loss_fn=loss_fn, accelerator=accelerator, config=config)
                 if accelerator.sync_gradients:
@@ -314,9 +318,13 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
             # The log line first, then the checkpoint: a kill between the two leaves a line that
             # the resume cuts away and rewrites, never a checkpointed epoch without its line.
             log.log(record)
-            state = end_of_epoch(state, record, val, model, optimizer, accelerator, config)
-            accelerator.print(epoch_line(config, record))
+            state = end_of_epoch(state, record, val, model, accelerator, config)
             stop_early = stopped_early(state, config, accelerator)
+            if clock.due(state.epoch, final=stop_early or state.epoch >= config.epochs, accelerator=accelerator):
+                clock.started()
+                write_resume_state(state, model, optimizer, accelerator, config)
+                clock.saved(state.epoch)
+            accelerator.print(epoch_line(config, record, clock))
             if accelerator.is_main_process:
                 write_status(config, state, finished=stop_early or state.epoch >= config.epochs, stopped_early=stop_early)
             if stop_early:
@@ -342,12 +350,8 @@ def stopped_early(state: Progress, config: Config, accelerator=None) -> bool:
     """Early stopping (off unless early_stopping > 0), decided by the main process for all:
     validation on different GPUs may differ in the last bits, and a process that stops
     alone would leave the others waiting in the next all-reduce."""
-    stop = bool(config.early_stopping) and state.epochs_since_best >= config.early_stopping
-    if accelerator is None or accelerator.num_processes == 1:
-        return stop
-    from accelerate.utils import broadcast
-
-    return bool(broadcast(torch.tensor([stop], device=accelerator.device), from_process=0).item())
+    return main_process_decides(bool(config.early_stopping) and state.epochs_since_best >= config.early_stopping,
+                                accelerator)
 
 
 def check_finite(bad: torch.Tensor, accelerator, config: Config, epoch: int, batch: int) -> None:
@@ -366,7 +370,8 @@ def evaluate(forward, model, loader, data: SplitData, accelerator) -> dict:
     return validation_metrics(data.labels, probs)
 
 
-def end_of_epoch(state: Progress, record: dict, val: dict, model, optimizer, accelerator, config: Config) -> Progress:
+def end_of_epoch(state: Progress, record: dict, val: dict, model, accelerator, config: Config) -> Progress:
+    """The loop's progress after an epoch; a better val balanced accuracy writes best.safetensors."""
     state.epoch = record["epoch"]
     state.history.append(record)
     score = val["balanced_accuracy"] if val["balanced_accuracy"] is not None else -1.0
@@ -377,6 +382,11 @@ def end_of_epoch(state: Progress, record: dict, val: dict, model, optimizer, acc
                       {"epoch": state.epoch, "metrics": val, "threshold": val["threshold"], "config": config.to_dict()})
     else:
         state.epochs_since_best += 1
+    return state
+
+
+def write_resume_state(state: Progress, model, optimizer, accelerator, config: Config) -> None:
+    """`last.pt`: everything a resume needs, written by the main process while the others wait."""
     if accelerator.is_main_process:
         save_checkpoint({
             "model": accelerator.unwrap_model(model).state_dict(),
@@ -387,7 +397,68 @@ def end_of_epoch(state: Progress, record: dict, val: dict, model, optimizer, acc
             "config": config.to_dict(),
         }, config.weights_path / RESUME_FILE)
     accelerator.wait_for_everyone()
-    return state
+
+
+# Automatic cadence: at least this many save durations between two saves, so saving takes at
+# most ~1/20 = 5% of the run (last.pt of beit_large, weights + AdamW, is ~3.6 GB).
+SAVE_TIME_RATIO = 20
+
+
+def checkpoint_due(*, epoch: int, final: bool, every: int, seconds_since_save: float,
+                   save_seconds: float | None) -> bool:
+    """Whether to write last.pt after `epoch` (1-based): always after the last epoch of the run
+    (also an early stop); every `every` epochs when set; otherwise once the time since the last
+    save is at least SAVE_TIME_RATIO x that save's duration (the first save of a process is due).
+    A new best epoch does not force one: best.safetensors is written on its own."""
+    if final:
+        return True
+    if every:
+        return epoch % every == 0
+    return save_seconds is None or seconds_since_save >= SAVE_TIME_RATIO * save_seconds
+
+
+@dataclass
+class CheckpointClock:
+    """When last.pt was written and how long that took: the cadence's inputs and the log's news."""
+    every: int
+    saved_epoch: int                                  # the epoch in last.pt (0: none yet)
+    saved_at: float = field(default_factory=time.perf_counter)
+    save_seconds: float | None = None                 # None until this process has saved once
+    saved_now: bool = False
+    _start: float = 0.0
+
+    def due(self, epoch: int, *, final: bool, accelerator=None) -> bool:
+        """Decided by the main process for all: the others wait for its save."""
+        due = checkpoint_due(epoch=epoch, final=final, every=self.every,
+                             seconds_since_save=time.perf_counter() - self.saved_at, save_seconds=self.save_seconds)
+        self.saved_now = main_process_decides(due, accelerator)
+        return self.saved_now
+
+    def started(self) -> None:
+        self._start = time.perf_counter()
+
+    def saved(self, epoch: int) -> None:
+        self.saved_at = time.perf_counter()
+        self.save_seconds = self.saved_at - self._start
+        self.saved_epoch = epoch
+
+    def describe(self) -> str:
+        if self.saved_now:
+            return f"last.pt saved ({self.save_seconds:.1f} s)"
+        if not self.saved_epoch:
+            return "no last.pt yet"
+        return f"last.pt from epoch {self.saved_epoch}, {(time.perf_counter() - self.saved_at) / 60:.1f} min ago"
+
+
+def main_process_decides(flag: bool, accelerator) -> bool:
+    """The main process's `flag` on every process: a decision that leads into a collective
+    (a barrier, an all-reduce) must be the same everywhere, and timings or the last bits of a
+    validation metric may differ between processes."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return flag
+    from accelerate.utils import broadcast
+
+    return bool(broadcast(torch.tensor([flag], device=accelerator.device), from_process=0).item())
 
 
 def resume(path: Path, accelerator, model, optimizer, config: Config) -> Progress:
@@ -406,11 +477,11 @@ def resume(path: Path, accelerator, model, optimizer, config: Config) -> Progres
     return state
 
 
-def epoch_line(config: Config, record: dict) -> str:
+def epoch_line(config: Config, record: dict, clock: CheckpointClock) -> str:
     auroc = record["val_auroc"]
     return (f"{config.recipe} epoch {record['epoch']}/{config.epochs}: loss {record['train_loss']:.4f}  "
             f"val AUROC {auroc if auroc is None else f'{auroc:.3f}'}  bal.acc {record['val_balanced_accuracy']:.3f}  "
-            f"{record['images_per_second']:.0f} img/s  data wait {record['data_wait_share']:.0%}")
+            f"{record['images_per_second']:.0f} img/s  data wait {record['data_wait_share']:.0%}  {clock.describe()}")
 
 
 def nothing_to_do(config: Config, state: Progress, loader: str | None, accelerator) -> dict:

@@ -188,9 +188,9 @@ def test_without_dali_auto_picks_resident_and_dali_explains(phantom_shards, tmp_
     monkeypatch.setattr(loading, "dali_available", lambda: False)
     settings = AugmentSettings(image_size=64)
     # A budget far too small for resident would pick dali - but dali is missing.
-    assert choose_loader("auto", n_images=10**9, settings=settings, device=CPU, budget=1e-9) == "resident"
+    assert choose_loader("auto", n_images=10**9, settings=settings, budget_bytes=lambda: 1) == "resident"
     with pytest.raises(CxrError) as error:
-        choose_loader("dali", n_images=10, settings=settings, device=CPU, budget=0.5)
+        choose_loader("dali", n_images=10, settings=settings, budget_bytes=lambda: 10**12)
     assert str(error.value) == DALI_INSTALL_HINT
     rows = read_manifest(phantom_shards).head(4)
     with pytest.raises(CxrError, match="pip install nvidia-dali"):

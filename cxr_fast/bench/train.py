@@ -31,7 +31,8 @@ def bench_train(*, arch: str, loader: str = "resident", image_size: int = 0, bat
     from cxr_fast.loading import choose_loader, make_loader, with_shards_resolved
     from cxr_fast.loading.sampler import balanced_epoch
     from cxr_fast.recipes import load_config
-    from cxr_fast.engine import compile_model, labelled_batches, load_task_data, make_accelerator, prepare_model, train_step
+    from cxr_fast.engine import (compile_model, configure_backends, labelled_batches, load_task_data, loader_budget_bytes,
+                                 make_accelerator, prepare_model, train_step)
 
     if loader not in TRAIN_LOADERS:
         raise CxrError(f"unknown loader {loader!r}; choose from {', '.join(TRAIN_LOADERS)}")
@@ -52,6 +53,7 @@ def bench_train(*, arch: str, loader: str = "resident", image_size: int = 0, bat
     settings = AugmentSettings.from_config(config)
     batch_size = config.resolved_batch_size
     torch.manual_seed(0)
+    configure_backends(config, device)
 
     model, optimizer = prepare_model(config, accelerator, settings.image_size)
     forward = compile_model(model, config, device)
@@ -72,8 +74,8 @@ def bench_train(*, arch: str, loader: str = "resident", image_size: int = 0, bat
     if real:
         started = time.perf_counter()
         train_data, _val = load_task_data(config)
-        loader_used = choose_loader(config.loader, n_images=len(train_data.rows), settings=settings, device=device,
-                                    budget=config.device_memory_budget)
+        loader_used = choose_loader(config.loader, n_images=len(train_data.rows), settings=settings,
+                                    budget_bytes=lambda: loader_budget_bytes(model, config, accelerator, settings.image_size))
         batch_loader = make_loader(loader_used, train_data.rows, shards, settings, device=device, batch_size=batch_size,
                                    seed=config.seed, threads=config.decode_threads)
         setup_seconds = round(time.perf_counter() - started, 2)

@@ -2,7 +2,8 @@
 
 `resident` decodes a split once onto the device; `dali` streams JPEGs through a DALI
 pipeline for data that does not fit. `auto` picks `resident` when the split fits the
-device-memory budget, else `dali` (never `dali` when DALI is not installed).
+device-memory budget (what is left beside the model, its optimiser
+state and activations), else `dali` (never `dali` when DALI is not installed).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -45,14 +47,29 @@ def with_shards_resolved(config):
     return dataclasses.replace(config, shards=str(resolve_shards(config.shards, load_size)))
 
 
-def choose_loader(requested: str, *, n_images: int, settings: AugmentSettings, device: torch.device, budget: float) -> str:
+TRAINING_STATE_COPIES = 3  # gradients + AdamW's two moments, each as large as the parameters
+
+
+def resident_budget(*, free_bytes: int, parameter_bytes: int, activation_bytes: int, share: float,
+                    training: bool = True) -> int:
+    """Bytes the resident loader may take: `share` of the free memory (measured with the model
+    already on the device) left after the training state that the first step allocates
+    (gradients + AdamW moments: 3 x the parameter bytes; none for prediction) and one batch's
+    activations."""
+    reserved = (TRAINING_STATE_COPIES * parameter_bytes if training else 0) + activation_bytes
+    return max(0, int(share * (free_bytes - reserved)))
+
+
+def choose_loader(requested: str, *, n_images: int, settings: AugmentSettings, budget_bytes: Callable[[], int]) -> str:
+    """The loader to use; `budget_bytes` (see `resident_budget`) is asked only for loader=auto,
+    because measuring it may run a training batch."""
     from cxr_fast.loading.resident import ResidentLoader
 
     if requested == "dali" and not dali_available():
         raise CxrError(DALI_INSTALL_HINT)
     if requested != "auto":
         return requested
-    fits = ResidentLoader.bytes_needed(n_images, settings) <= budget * device_memory_bytes(device)
+    fits = ResidentLoader.bytes_needed(n_images, settings) <= budget_bytes()
     if fits or not dali_available():
         return "resident"
     return "dali"
