@@ -30,7 +30,7 @@ from cxr_fast.analyze.groups import iter_groups
 from cxr_fast.analyze.inputs import TaskData, task_data
 from cxr_fast.metrics import metrics_from_confusion
 
-RESAMPLE_BLOCK = 64  # resamples per AUROC block: (images x 64) int32 arrays stay within L2/L3
+RESAMPLE_BLOCK = 16  # resamples per AUROC block: (16 x images) int32 rows stay in cache (measured: 16 beats 32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -135,8 +135,7 @@ def _auroc(resampled: Resampled) -> np.ndarray:
         first_scope.append(scope)
         scope += len(members)
     n_groups = [int(code.max()) + 1 for code in codes]
-    blocks = [np.ascontiguousarray(resampled.weights[start:start + RESAMPLE_BLOCK].T)
-              for start in range(0, resampled.weights.shape[0], RESAMPLE_BLOCK)]
+    blocks = [resampled.weights[start:start + RESAMPLE_BLOCK] for start in range(0, resampled.weights.shape[0], RESAMPLE_BLOCK)]
 
     def one_model(m: int) -> np.ndarray:
         score_rank = np.unique(data.prob[m], return_inverse=True)[1].astype(np.int64)
@@ -151,22 +150,26 @@ def _auroc(resampled: Resampled) -> np.ndarray:
 
 
 def _auroc_block(order: _Ordering, block: np.ndarray) -> np.ndarray:
-    """(G, b) AUROC for a (n_subjects, b) block of subject weights (exact integer arithmetic)."""
-    cumulative = np.zeros((order.negative_subjects.size + 1, block.shape[1]), dtype=np.int64)
-    np.cumsum(block[order.negative_subjects], axis=0, out=cumulative[1:])
-    positive_weights = block[order.positive_subjects]
+    """(G, b) AUROC for a (b, n_subjects) block of subject weights (exact integer arithmetic).
+
+    Resamples are rows, images columns: every pass (gather, cumulative sum, per-group sums)
+    runs along contiguous memory. int32 holds any cumulative weight (at most the number of
+    images drawn); the per-group sums of weight x credit are taken in int64."""
+    cumulative = np.zeros((block.shape[0], order.negative_subjects.size + 1), dtype=np.int32)
+    np.cumsum(np.take(block, order.negative_subjects, axis=1), axis=1, out=cumulative[:, 1:])
+    positive_weights = np.take(block, order.positive_subjects, axis=1)
     # Twice the credit (below + not above = 2 below + ties) keeps half-counted ties integer.
-    credit = cumulative[order.below] + cumulative[order.not_above]
+    credit = np.take(cumulative, order.below, axis=1)
+    credit += np.take(cumulative, order.not_above, axis=1)
+    credit *= positive_weights
     n_groups = order.negative_start.size
-    twice, positive_total = np.zeros((n_groups, block.shape[1]), np.int64), np.zeros((n_groups, block.shape[1]), np.int64)
+    twice, positive_total = np.zeros((n_groups, block.shape[0]), np.int64), np.zeros((n_groups, block.shape[0]), np.int64)
     if order.has_positives.any():
         starts = order.positive_start[order.has_positives]
-        twice[order.has_positives] = np.add.reduceat(positive_weights * credit, starts, axis=0)
-        positive_total[order.has_positives] = np.add.reduceat(positive_weights, starts, axis=0, dtype=np.int64)
-    base = cumulative[order.negative_start]                      # negatives of earlier groups
+        twice[order.has_positives] = np.add.reduceat(credit, starts, axis=1, dtype=np.int64).T
+        positive_total[order.has_positives] = np.add.reduceat(positive_weights, starts, axis=1, dtype=np.int64).T
+    base = np.take(cumulative, order.negative_start, axis=1).T.astype(np.int64)   # negatives of earlier groups
     concordant = (twice - 2 * base * positive_total) / 2
-    denominator = positive_total * (cumulative[order.negative_end] - base)
+    denominator = positive_total * (np.take(cumulative, order.negative_end, axis=1).T - base)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(denominator > 0, concordant / np.where(denominator > 0, denominator, 1), np.nan)
-
-
