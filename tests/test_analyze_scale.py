@@ -4,6 +4,7 @@ per-task summary of the report counts flagged models right."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cxr_fast.analyze import subgroup_table
@@ -64,3 +65,22 @@ def test_task_summary_counts_the_flagged_models_of_each_task():
         assert (planted["min_gap"], planted["max_gap"]) == (gaps.min(), gaps.max())
     counted = summary["models_flagged"].sum()
     assert counted == table["flagged"].sum()
+
+
+def _models_frame(n_models: int) -> pd.DataFrame:
+    from cxr_fast.metrics import MODEL_METRICS
+
+    return pd.DataFrame([{"task": task, "arch": f"arch{m}", "metric": metric, "value": 0.5 + m / 100, "ci_low": 0.4,
+                          "ci_high": 0.9, "n": 100, "n_subjects": 40, "n_pos": 30, "note": ""}
+                         for task in ("edema", "effusion") for m in range(n_models) for metric in MODEL_METRICS])
+
+
+def test_the_models_table_collapses_per_task_only_for_many_models():
+    from cxr_fast.analyze import figures
+    from cxr_fast.analyze.report import _models_section
+
+    few = _models_section(_models_frame(figures.MAX_MARKERS), roc_uri="data:,")
+    assert "<details>" not in few and few.count("<tr") == 1 + 2 * figures.MAX_MARKERS
+    many = _models_section(_models_frame(19), roc_uri="data:,")
+    assert many.count("<details>") == 2
+    assert "edema: 19 models, AUROC 0.500 to 0.680" in many and many.count("<tr") == 2 * (1 + 19)

@@ -178,8 +178,17 @@ def _models_section(models: pd.DataFrame, roc_uri: str) -> str:
             record[METRIC_LABELS[metric]] = _with_ci(m["value"], m["ci_low"], m["ci_high"])
         record["note"] = first["note"]
         wide.append(record)
-    return ("<h2>Models</h2>" + _table(pd.DataFrame(wide), left=("task", "model", "note"))
-            + "<h3>ROC curves</h3>" + _figure(roc_uri, "ROC curves per task"))
+    wide = pd.DataFrame(wide)
+    left = ("task", "model", "note")
+    if wide.groupby("task").size().max() <= figures.MAX_MARKERS:
+        tables = _table(wide, left=left)
+    else:  # a study's 19 models per task: one line per task, its table one click away
+        auroc = models[models["metric"] == "auroc"].groupby("task")["value"]
+        tables = "<p class=note>One collapsed table per task; every number is in models.csv.</p>" + "".join(
+            f"<details><summary>{html.escape(str(task))}: {len(rows)} models, AUROC {_number(auroc.min()[task])} "
+            f"to {_number(auroc.max()[task])}</summary>{_table(rows, left=left)}</details>"
+            for task, rows in wide.groupby("task", sort=True))
+    return "<h2>Models</h2>" + tables + "<h3>ROC curves</h3>" + _figure(roc_uri, "ROC curves per task")
 
 
 def _subgroup_display(rows: pd.DataFrame) -> pd.DataFrame:
