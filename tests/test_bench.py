@@ -138,12 +138,26 @@ def test_committed_results_still_read_and_render_as_in_benchmarks_md():
     """The files in benchmarks/results/ keep their format: read back unchanged, and the table in
     BENCHMARKS.md is what the writer makes of its results file."""
     files = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
-    assert files
-    for path in files:
+    suites = [path for path in files if not path.name.startswith("analyze-scale-")]
+    assert suites
+    for path in suites:
         assert read_record(SuiteResult, path).to_json() == json.loads(path.read_text())
     committed = (ROOT / "BENCHMARKS.md").read_text()
     source = re.search(r"raw numbers: `([^`]+)`", committed).group(1)
     assert markdown_block(read_record(SuiteResult, ROOT / source), Path(source)) in committed
+
+
+def test_committed_analysis_scale_results_carry_what_benchmarks_md_reports():
+    """The analysis-at-scale files (python -m cxr_fast.analyze.scale_bench) are their own format:
+    the size measured, the wall time, the peak memory and every report file's size."""
+    files = sorted((ROOT / "benchmarks" / "results").glob("analyze-scale-*.json"))
+    assert files
+    for path in files:
+        result = json.loads(path.read_text())
+        assert result["benchmark"] == "analyze-scale"
+        assert result["models"] > 0 and result["images_per_task"] > 0 and result["wall_s"] > 0
+        assert result["peak_rss_mb"] > 0 and {"index.html", "summary.json"} <= set(result["report_files_mb"])
+        assert result["command"].startswith("python -m cxr_fast.analyze ")
 
 
 def test_an_unreadable_results_file_is_a_one_line_error(tmp_path):
