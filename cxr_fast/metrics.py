@@ -119,7 +119,7 @@ def roc_points(*, label: np.ndarray, score: np.ndarray) -> pd.DataFrame:
     """ROC curve vertices (fpr, tpr, threshold), from (0, 0) to (1, 1), one per distinct score."""
     label = np.asarray(label, dtype=bool)
     score = np.asarray(score, dtype=float)
-    order = np.argsort(-score, kind="stable")
+    order = np.argsort(-score)  # tied scores end up in one vertex: their order does not matter
     sorted_score = score[order]
     last_of_block = np.r_[sorted_score[1:] != sorted_score[:-1], True]
     tps = np.cumsum(label[order])[last_of_block]

@@ -84,3 +84,50 @@ def test_the_models_table_collapses_per_task_only_for_many_models():
     many = _models_section(_models_frame(19), roc_uri="data:,")
     assert many.count("<details>") == 2
     assert "edema: 19 models, AUROC 0.500 to 0.680" in many and many.count("<tr") == 2 * (1 + 19)
+
+
+def test_scope_auroc_equals_weighted_auroc_with_heavy_ties_and_one_class_groups():
+    from cxr_fast.analyze.auroc_kernel import scope_auroc
+    from cxr_fast.metrics import weighted_auroc
+
+    rng = np.random.default_rng(3)
+    n, n_subjects = 300, 120
+    subject_index = rng.integers(0, n_subjects, n)
+    label = rng.random(n) < 0.4
+    score = rng.integers(0, 4, n).astype(float)  # four distinct scores: ties everywhere
+    group = rng.integers(0, 3, n)
+    group[label & (group == 2)] = 1  # group 2 has no positives: its AUROC is undefined
+    weights = np.vstack([np.ones(n_subjects, np.int32), rng.poisson(1.0, (25, n_subjects)).astype(np.int32)])
+    scopes = np.vstack([np.zeros(n, np.int64), 1 + group])
+    got = scope_auroc(score=score, label=label, subject_index=subject_index, scopes=scopes, n_scopes=4,
+                      subject_weights_t=np.ascontiguousarray(weights.T))
+    image_weights = weights[:, subject_index].astype(float)
+    np.testing.assert_allclose(got[0], weighted_auroc(image_weights, label, score), rtol=0, atol=1e-15)
+    for g in range(3):
+        member = group == g
+        expected = weighted_auroc(image_weights[:, member], label[member], score[member])
+        np.testing.assert_allclose(got[1 + g], expected, rtol=0, atol=1e-15)
+    assert np.isnan(got[3]).all()
+
+
+@pytest.mark.slow
+def test_worker_processes_change_no_table_and_no_figure(tmp_path, monkeypatch):
+    """At study size the case tables and the figures are made in worker processes: the same
+    tables and the same report as in one process."""
+    from cxr_fast.analyze import figures, parallel
+    from cxr_fast.analyze.pipeline import Settings, analyze
+    from cxr_fast.analyze.report import render_html
+    from pred_fixtures import write_pred_dir
+
+    pred_dir = write_pred_dir(tmp_path, tasks=("edema", "effusion"), archs=("a", "b", "c"), n_images=300, seed=4)
+    settings = Settings(n_bootstrap=20)
+    monkeypatch.setattr(parallel, "PROCESS_MIN_ROWS", 10**12)
+    alone = analyze(pred_dir=pred_dir, settings=settings)
+    monkeypatch.setattr(parallel, "PROCESS_MIN_ROWS", 0)
+    monkeypatch.setattr(parallel, "workers", lambda: 2)
+    monkeypatch.setattr(figures, "workers", lambda: 2)
+    spread = analyze(pred_dir=pred_dir, settings=settings)
+    assert list(spread.tables) == list(alone.tables)
+    for name in alone.tables:
+        pd.testing.assert_frame_equal(spread.tables[name], alone.tables[name])
+    assert render_html(spread) == render_html(alone)

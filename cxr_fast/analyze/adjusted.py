@@ -51,9 +51,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-import multiprocessing
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -64,7 +62,7 @@ from cxr_fast.analyze.groups import attribute_name, group_name, ordered_levels
 from cxr_fast.analyze.inputs import TaskData, task_data
 from cxr_fast.analyze.stats import benjamini_hochberg, fisher_p_values, odds_ratios_woolf
 from cxr_fast.analyze.systematic import ERRORS, is_systematic
-from cxr_fast.analyze.threads import blas_single_threaded
+from cxr_fast.analyze.parallel import blas_single_threaded, process_pool
 from cxr_fast.schema import DEMOGRAPHICS, UNKNOWN, VIEW
 
 ATTRIBUTES: tuple[str, ...] = (*DEMOGRAPHICS, VIEW)
@@ -118,11 +116,7 @@ def _map(function, items: list, workers: int) -> list:
     workers = min(len(items), workers)
     if workers <= 1:
         return [function(item) for item in items]
-    # Workers forked from a fresh server process (forking this one, which may hold BLAS or
-    # other threads, can deadlock), with this module imported there once, not once per worker.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with process_pool(workers, preload=(__name__,)) as pool:
         return list(pool.map(function, items))
 
 

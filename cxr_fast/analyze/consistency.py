@@ -12,7 +12,6 @@ cohen_kappa_score says the same). One model always right and the other not gives
 
 from __future__ import annotations
 
-import itertools
 import warnings
 
 import numpy as np
@@ -21,30 +20,25 @@ import pandas as pd
 from scipy import stats
 
 from cxr_fast.analyze.bootstrap import percentile_interval, wald_z
-from cxr_fast.analyze.resampled import Resampled, resampled_tasks, scope_sums
+from cxr_fast.analyze.resampled import Resampled, pairs, resampled_tasks
 from cxr_fast.analyze.stats import benjamini_hochberg
-from cxr_fast.analyze.threads import blas_single_threaded
+from cxr_fast.analyze.parallel import blas_single_threaded
 from cxr_fast.metrics import as_weight_matrix
 
 DEGENERATE_NOTE = "both models always right (or both always wrong) here: c_exp = 1, kappa undefined (NaN)"
 
 
-def _pairs(n_models: int) -> tuple[np.ndarray, np.ndarray]:
-    pairs = np.array(list(itertools.combinations(range(n_models), 2)), dtype=int).reshape(-1, 2)
-    return pairs[:, 0], pairs[:, 1]
-
-
 def kappa_arrays(weights: np.ndarray, correct: np.ndarray) -> dict[str, np.ndarray]:
     """For (R, n) weights and (M, n) correctness: p_correct (R, M), c_obs/c_exp/kappa (R, P)
     over the P = M(M-1)/2 model pairs in itertools.combinations order."""
-    first, second = _pairs(correct.shape[0])
+    first, second = pairs(correct.shape[0])
     agree = (correct[first] == correct[second]).T.astype(float)               # (n, P)
     return kappa_from_sums(weights.sum(axis=1), weights @ correct.T.astype(float), weights @ agree)
 
 
 def kappa_from_sums(total: np.ndarray, n_correct: np.ndarray, n_agree: np.ndarray) -> dict[str, np.ndarray]:
     """kappa_arrays from weighted sums: total (R,), correct per model (R, M), agreeing per pair (R, P)."""
-    first, second = _pairs(n_correct.shape[1])
+    first, second = pairs(n_correct.shape[1])
     total = total[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
         p_correct = n_correct / total
@@ -63,7 +57,7 @@ def error_consistency(
     correct = np.asarray(correct, dtype=bool)
     names = names or tuple(f"model_{m}" for m in range(correct.shape[0]))
     arrays = kappa_arrays(as_weight_matrix(sample_weight, correct.shape[1]), correct)
-    first, second = _pairs(correct.shape[0])
+    first, second = pairs(correct.shape[0])
     return pd.DataFrame({
         "model_a": [names[i] for i in first], "model_b": [names[j] for j in second],
         "p_correct_a": arrays["p_correct"][0, first], "p_correct_b": arrays["p_correct"][0, second],
@@ -96,17 +90,13 @@ def task_consistency(resampled: Resampled, *, level: float, min_count: int) -> l
     data = resampled.data
     if len(data.archs) < 2:
         return []
-    first, second = _pairs(len(data.archs))
-    n_models = len(data.archs)
     blocks = []
     scopes = [("overall", "all", np.arange(data.label.size))] + resampled.groups
+    tallies = resampled.tallies
+    total, correct = tallies.positives + tallies.negatives, tallies.correct
     overall_mean = None
-    for attribute, group, positions in scopes:
-        part = data.correct[:, positions]
-        # Per-subject sums of [image, correct per model, agreeing per pair], one product for all.
-        indicators = np.column_stack([np.ones(positions.size), part.T, (part[first] == part[second]).T])
-        sums = scope_sums(resampled.weights, data.subject_index, positions, indicators)
-        arrays = kappa_from_sums(sums[:, 0], sums[:, 1:1 + n_models], sums[:, 1 + n_models:])
+    for s, (attribute, group, positions) in enumerate(scopes):
+        arrays = kappa_from_sums(total[s], correct[:, s].T, tallies.agreeing[s])
         mean = _mean_kappa(arrays["kappa"])
         overall_mean = mean if overall_mean is None else overall_mean
         block = _scope_rows(arrays, mean, data.archs, level)
@@ -160,7 +150,7 @@ def _gap_columns(gap: np.ndarray, rows: int, *, eligible: bool, level: float) ->
 def _scope_rows(arrays: dict[str, np.ndarray], mean: np.ndarray, archs: tuple[str, ...], level: float
                 ) -> dict[str, np.ndarray]:
     """The mean row then one row per pair, as columns (estimate = resample row 0)."""
-    first, second = _pairs(len(archs))
+    first, second = pairs(len(archs))
     kappa = arrays["kappa"]
     low, high = percentile_interval(np.column_stack([mean, kappa])[1:], level=level)
     n_defined = int(np.isfinite(kappa[0]).sum())

@@ -6,12 +6,15 @@ cohort should stop the analysis with one clear line, not with a KeyError deep in
 
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from cxr_fast.analyze.parallel import workers
 from cxr_fast.errors import CxrError
 from cxr_fast.io import read_table
 from cxr_fast.schema import (DEMOGRAPHICS, PREDICTION_LATER_COLUMNS, PREDICTION_OPTIONAL_COLUMNS,
@@ -34,7 +37,7 @@ def prediction_files(pred_dir: str | Path) -> list[Path]:
 
 
 def read_prediction_file(path: Path, *, split: str) -> pd.DataFrame:
-    """One model's rows of `split` with a label, validated; adds `source` (the file path)."""
+    """One model's rows of `split` with a label, validated."""
     frame = read_table(path, columns=PREDICTION_REQUIRED_COLUMNS)
     tasks = frame["task"].dropna().unique()
     if len(tasks) != 1:
@@ -59,9 +62,8 @@ def read_prediction_file(path: Path, *, split: str) -> pd.DataFrame:
         if column not in rows:
             rows[column] = np.nan
     default_recipe = f"{tasks[0]}_{archs[0]}"
-    rows["recipe"] = rows["recipe"].astype(object).where(rows["recipe"].notna(), default_recipe)
+    rows["recipe"] = rows["recipe"].astype(object).where(rows["recipe"].notna(), default_recipe).astype("str")
     rows["label"] = rows["label"].astype(float)
-    rows["source"] = str(path)
     return rows
 
 
@@ -109,25 +111,8 @@ def check_shared_images(predictions: pd.DataFrame) -> None:
     """Models of one task must be scored on the same images with the same labels: every
     pairwise comparison (kappa, share of models wrong) is per image."""
     for task, rows in predictions.groupby("task", sort=True):
-        by_source = {source: part.sort_values("key", kind="stable") for source, part in rows.groupby("source", sort=False)}
-        sources = list(by_source)
-        reference = by_source[sources[0]].set_index("key")["label"]
-        for source in sources[1:]:
-            other = by_source[source].set_index("key")["label"]
-            if other.index.equals(reference.index) and np.array_equal(other.to_numpy(), reference.to_numpy()):
-                continue  # the common case, without building set differences
-            only_reference = reference.index.difference(other.index)
-            only_other = other.index.difference(reference.index)
-            if len(only_reference) or len(only_other):
-                example = (list(only_other) + list(only_reference))[0]
-                raise CxrError(
-                    f"{source}: task {task!r} test images differ from {sources[0]} "
-                    f"({len(only_other)} key(s) only here, {len(only_reference)} only there, e.g. {example!r}); "
-                    "models of one task must be predicted on the same images"
-                )
-            mismatch = reference.index[reference.to_numpy() != other.reindex(reference.index).to_numpy()]
-            if len(mismatch):
-                raise CxrError(f"{source}: task {task!r} labels differ from {sources[0]} for {len(mismatch)} image(s), e.g. {mismatch[0]!r}")
+        if not _same_images_and_labels(rows):
+            _raise_first_difference(task, rows)
         duplicated = rows.drop_duplicates("source")["arch"].duplicated()
         if duplicated.any():
             arch = rows.drop_duplicates("source")["arch"][duplicated].iloc[0]
@@ -135,14 +120,57 @@ def check_shared_images(predictions: pd.DataFrame) -> None:
             raise CxrError(f"{files[-1]}: task {task!r} arch {arch!r} is also in {files[0]}")
 
 
+def _same_images_and_labels(rows: pd.DataFrame) -> bool:
+    """One sort of the task's rows by (source, key): every source's keys and labels equal the first's."""
+    sizes = rows.groupby("source", sort=False).size()
+    if sizes.nunique() != 1:
+        return False
+    ordered = rows.sort_values(["source", "key"], kind="stable")
+    keys = ordered["key"].to_numpy().reshape(len(sizes), -1)
+    labels = ordered["label"].to_numpy().reshape(len(sizes), -1)
+    return bool((keys == keys[0]).all() and (labels == labels[0]).all())
+
+
+def _raise_first_difference(task: str, rows: pd.DataFrame) -> None:
+    """The one-line error for the first source whose images or labels differ from the first's."""
+    by_source = {source: part.sort_values("key", kind="stable") for source, part in rows.groupby("source", sort=False)}
+    sources = list(by_source)
+    reference = by_source[sources[0]].set_index("key")["label"]
+    for source in sources[1:]:
+        other = by_source[source].set_index("key")["label"]
+        if other.index.equals(reference.index) and np.array_equal(other.to_numpy(), reference.to_numpy()):
+            continue  # this one matches the first; the difference is further on
+        only_reference = reference.index.difference(other.index)
+        only_other = other.index.difference(reference.index)
+        if len(only_reference) or len(only_other):
+            example = (list(only_other) + list(only_reference))[0]
+            raise CxrError(
+                f"{source}: task {task!r} test images differ from {sources[0]} "
+                f"({len(only_other)} key(s) only here, {len(only_reference)} only there, e.g. {example!r}); "
+                "models of one task must be predicted on the same images"
+            )
+        mismatch = reference.index[reference.to_numpy() != other.reindex(reference.index).to_numpy()]
+        if len(mismatch):
+            raise CxrError(f"{source}: task {task!r} labels differ from {sources[0]} for {len(mismatch)} image(s), e.g. {mismatch[0]!r}")
+    raise CxrError(f"task {task!r}: its prediction files disagree on images or labels")
+
+
 def load_predictions(*, pred_dir: str | Path, split: str = "test") -> pd.DataFrame:
     """Every prediction file of `pred_dir`, rows of `split` with a label, stacked.
 
     One row per (model, image); columns are PREDICTION_REQUIRED_COLUMNS + PREDICTION_OPTIONAL_COLUMNS + `source`.
+    Each file is checked on its own here; that the models of a task share their images is
+    checked where the rows become per-task arrays (task_data).
     """
-    frames = [read_prediction_file(path, split=split) for path in prediction_files(pred_dir)]
+    files = prediction_files(pred_dir)
+    # Threads: parquet decoding releases the GIL. The first bad file (in name order) is the error.
+    with ThreadPoolExecutor(max_workers=workers()) as pool:
+        frames = list(pool.map(functools.partial(read_prediction_file, split=split), files))
     predictions = pd.concat(frames, ignore_index=True)
-    check_shared_images(predictions)
+    # `source` (the file) as codes into the list of files: a path string per row would be the
+    # largest column of the study's 3.7 million rows.
+    codes = np.repeat(np.arange(len(files)), [len(frame) for frame in frames])
+    predictions["source"] = pd.Categorical.from_codes(codes, categories=[str(path) for path in files])
     return predictions
 
 

@@ -17,7 +17,7 @@ from cxr_fast.analyze.bootstrap import percentile_interval, wald_z
 from cxr_fast.analyze.inputs import TaskData
 from cxr_fast.analyze.resampled import Resampled, metric_values, resampled_tasks
 from cxr_fast.analyze.stats import benjamini_hochberg
-from cxr_fast.analyze.threads import blas_single_threaded
+from cxr_fast.analyze.parallel import blas_single_threaded
 from cxr_fast.metrics import DIRECTION, METRICS, MODEL_METRICS
 
 # Gaps (group vs overall) that can raise a flag. Together they say "misses more of this

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,11 +11,11 @@ import pandas as pd
 
 from cxr_fast.analyze.adjusted import adjusted_table
 from cxr_fast.analyze.consistency import consistency_frame, task_consistency
-from cxr_fast.analyze.inputs import load_predictions, task_data
+from cxr_fast.analyze.inputs import TaskData, load_predictions, task_data
 from cxr_fast.analyze.performance import FLAG_METRICS, flag_subgroups, model_rows, subgroup_rows
-from cxr_fast.analyze.resampled import metric_values, resampled_tasks
+from cxr_fast.analyze.resampled import Resampled, metric_values, resampled_tasks
 from cxr_fast.analyze.systematic import systematic_images, systematic_table
-from cxr_fast.analyze.threads import blas_single_threaded
+from cxr_fast.analyze.parallel import blas_single_threaded, process_pool, processes_pay, workers
 from cxr_fast.errors import CxrError
 from cxr_fast.io import package_versions
 
@@ -44,9 +46,10 @@ class Analysis:
     settings: Settings
     pred_dir: Path
     predictions: pd.DataFrame            # the stacked, validated input rows
+    tasks: list[TaskData]                # the same rows as per-task arrays (built once, shared)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # name -> table (= CSV stem)
 
-    @property
+    @functools.cached_property
     def inputs(self) -> pd.DataFrame:
         """One row per input file: which model it is and how many rows were analysed."""
         return (self.predictions.groupby("source", sort=True)
@@ -102,28 +105,53 @@ def analyze(*, pred_dir: str | Path, settings: Settings = Settings()) -> Analysi
     """Load every prediction file of `pred_dir` and compute all tables.
 
     The predictions are split into per-task arrays once, shared by every table; each task's
-    resample weights are built once and shared by the model, subgroup and consistency tables."""
+    resample weights are built once and shared by the model, subgroup and consistency tables.
+    With more than one core and a study-sized input the case tables (systematic, adjusted: Python-bound statsmodels
+    fits) run in a process beside the threads of the resampled tables (numpy)."""
     settings.validate()
     predictions = load_predictions(pred_dir=pred_dir, split=settings.split)
     tasks = task_data(predictions)
-    parts: dict[str, list[pd.DataFrame]] = {"models": [], "subgroups": [], "consistency": []}
-    for resampled in resampled_tasks(tasks=tasks, n_bootstrap=settings.n_bootstrap, seed=settings.seed):
+    if processes_pay(len(predictions)):
+        with process_pool(1, preload=(__name__,)) as pool:
+            case = pool.submit(case_tables, tasks, settings)
+            tables = resampled_tables(tasks, settings)
+            tables.update(case.result())
+    else:
+        tables = resampled_tables(tasks, settings) | case_tables(tasks, settings)
+    return Analysis(settings=settings, pred_dir=Path(pred_dir), predictions=predictions, tasks=tasks, tables=tables)
+
+
+def resampled_tables(tasks: list[TaskData], settings: Settings) -> dict[str, pd.DataFrame]:
+    """The tables built on each task's bootstrap resamples: models, subgroups, consistency.
+    Tasks run in threads: their arithmetic is numpy and the AUROC kernel, which release the GIL."""
+
+    def one_task(resampled: Resampled) -> tuple[pd.DataFrame, pd.DataFrame, list]:
         overall, by_group = metric_values(resampled)
-        parts["models"].append(model_rows(resampled, overall, level=settings.ci_level))
-        parts["subgroups"].append(subgroup_rows(resampled, overall, by_group, min_count=settings.min_count,
-                                                level=settings.ci_level))
-        parts["consistency"].append(task_consistency(resampled, level=settings.ci_level, min_count=settings.min_count))
-    tables = {
-        "models": pd.concat(parts["models"], ignore_index=True),
-        "subgroups": flag_subgroups(pd.concat(parts["subgroups"], ignore_index=True), fdr=settings.fdr),
-        "consistency": consistency_frame(parts["consistency"], fdr=settings.fdr),
-        "systematic": systematic_table(tasks=tasks, threshold=settings.systematic_threshold,
-                                       min_count=settings.min_count, fdr=settings.fdr, level=settings.ci_level),
-        "systematic_images": systematic_images(tasks=tasks, threshold=settings.systematic_threshold),
-        "adjusted": adjusted_table(tasks=tasks, threshold=settings.systematic_threshold,
-                                   min_count=settings.min_count, fdr=settings.fdr, level=settings.ci_level),
+        return (model_rows(resampled, overall, level=settings.ci_level),
+                subgroup_rows(resampled, overall, by_group, min_count=settings.min_count, level=settings.ci_level),
+                task_consistency(resampled, level=settings.ci_level, min_count=settings.min_count))
+
+    with ThreadPoolExecutor(max_workers=workers()) as pool:
+        models, subgroups, consistency = zip(*pool.map(one_task, resampled_tasks(
+            tasks=tasks, n_bootstrap=settings.n_bootstrap, seed=settings.seed)))
+    return {
+        "models": pd.concat(models, ignore_index=True),
+        "subgroups": flag_subgroups(pd.concat(subgroups, ignore_index=True), fdr=settings.fdr),
+        "consistency": consistency_frame(list(consistency), fdr=settings.fdr),
     }
-    return Analysis(settings=settings, pred_dir=Path(pred_dir), predictions=predictions, tables=tables)
+
+
+@blas_single_threaded
+def case_tables(tasks: list[TaskData], settings: Settings) -> dict[str, pd.DataFrame]:
+    """The tables about which images are misclassified: systematic (univariate) and adjusted."""
+    threshold = settings.systematic_threshold
+    return {
+        "systematic": systematic_table(tasks=tasks, threshold=threshold, min_count=settings.min_count,
+                                       fdr=settings.fdr, level=settings.ci_level),
+        "systematic_images": systematic_images(tasks=tasks, threshold=threshold),
+        "adjusted": adjusted_table(tasks=tasks, threshold=threshold, min_count=settings.min_count,
+                                   fdr=settings.fdr, level=settings.ci_level),
+    }
 
 
 def versions() -> dict[str, str | None]:

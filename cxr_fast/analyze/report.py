@@ -15,7 +15,6 @@ import pandas as pd
 
 from cxr_fast.analyze import figures
 from cxr_fast.analyze.groups import group_sort_key
-from cxr_fast.analyze.inputs import task_data
 from cxr_fast.analyze.pipeline import DEFINITIONS, Analysis, versions
 from cxr_fast.errors import CxrError
 from cxr_fast.io import atomic_folder, write_bytes, write_csv, write_json
@@ -335,13 +334,22 @@ def _adjusted_section(adjusted: pd.DataFrame) -> str:
 
 def render_html(analysis: Analysis) -> str:
     settings, tables = analysis.settings, analysis.tables
-    tasks = task_data(analysis.predictions)
+    tasks = analysis.tasks
     consistency = tables["consistency"]
     inputs = analysis.inputs
-    forest_uris = {data.task: figures.forest_figure(tables["subgroups"], task=data.task) for data in tasks}
-    kappa_uri = figures.kappa_figure(consistency) if not consistency.empty else None
-    mean_uri = figures.mean_kappa_figure(consistency) if not consistency.empty else None
-    composition_uris = [figures.composition_figure(tables["systematic"], attribute=a) for a in DEMOGRAPHICS]
+    subgroups = tables["subgroups"]
+    jobs = {"roc": (figures.roc_figure, dict(tasks=tasks))}
+    jobs |= {("forest", data.task): (figures.forest_figure, dict(subgroups=subgroups[subgroups["task"] == data.task],
+                                                                 task=data.task)) for data in tasks}
+    if not consistency.empty:
+        jobs |= {"kappa": (figures.kappa_figure, dict(consistency=consistency)),
+                 "mean_kappa": (figures.mean_kappa_figure, dict(consistency=consistency))}
+    jobs |= {("composition", a): (figures.composition_figure, dict(systematic=tables["systematic"], attribute=a))
+             for a in DEMOGRAPHICS}
+    uris = figures.draw_all(jobs, rows=len(analysis.predictions))
+    forest_uris = {data.task: uris["forest", data.task] for data in tasks}
+    kappa_uri, mean_uri = uris.get("kappa"), uris.get("mean_kappa")
+    composition_uris = [uris["composition", a] for a in DEMOGRAPHICS]
     headline = "".join(f"<li>{html.escape(line)}</li>" for line in headline_findings(analysis))
     settings_line = (f"split <b>{html.escape(settings.split)}</b>, {len(inputs)} prediction files, "
                      f"{settings.n_bootstrap} patient-level bootstrap resamples (seed {settings.seed}), "
@@ -352,7 +360,7 @@ def render_html(analysis: Analysis) -> str:
         f"<p class=note>{settings_line}</p>",
         f'<h2>Headline findings</h2><ul class="headline">{headline}</ul>',
         HOW_TO_READ.format(fdr=settings.fdr, min_count=settings.min_count, threshold=settings.systematic_threshold),
-        _models_section(tables["models"], figures.roc_figure(tasks)),
+        _models_section(tables["models"], uris["roc"]),
         _subgroups_section(tables["subgroups"], forest_uris),
         _consistency_section(consistency, kappa_uri, mean_uri),
         _systematic_section(tables["systematic"], tables["systematic_images"], composition_uris, settings.systematic_threshold),

@@ -7,17 +7,15 @@ group's indicators), a float32 matrix product over the group's patients. Counts 
 integers, so these sums are exact and equal, bit for bit, the image-level products of
 metrics.metric_matrix.
 
-AUROC is not a sum of indicators. For each model and attribute the negatives are sorted once
-by (group, score); one integer cumulative sum of their weights then gives every positive its
-credit (weight of its group's negatives scoring below it, ties counted half) in every resample.
-Done over blocks of resamples laid out (images, resamples) so the working set stays in cache,
-and over models in threads: numpy releases the GIL inside these loops.
+AUROC is not a sum of indicators: auroc_kernel walks each model's images once in score order
+and keeps every group's running negative weight for all resamples at once. Models run in
+threads (the kernel releases the GIL).
 """
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
+import functools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -25,12 +23,28 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from cxr_fast.analyze.auroc_kernel import scope_auroc
 from cxr_fast.analyze.bootstrap import subject_weights
 from cxr_fast.analyze.groups import iter_groups
 from cxr_fast.analyze.inputs import TaskData, task_data
+from cxr_fast.analyze.parallel import workers
 from cxr_fast.metrics import metrics_from_confusion
 
-RESAMPLE_BLOCK = 16  # resamples per AUROC block: (16 x images) int32 rows stay in cache (measured: 16 beats 32, 64, 128)
+@dataclass(frozen=True)
+class Tallies:
+    """Weighted counts of every scope (0 = everybody, then each group) in every resample row
+    (0 = the point estimate): the sums the confusion metrics and the kappas are made of."""
+
+    positives: np.ndarray        # (S, 1 + R)
+    negatives: np.ndarray        # (S, 1 + R)
+    true_positives: np.ndarray   # (M, S, 1 + R)
+    false_positives: np.ndarray  # (M, S, 1 + R)
+    agreeing: np.ndarray         # (S, 1 + R, P): both right or both wrong, per model pair (pairs() order)
+
+    @property
+    def correct(self) -> np.ndarray:
+        """(M, S, 1 + R) right answers: true positives plus true negatives."""
+        return self.true_positives + (self.negatives - self.false_positives)
 
 
 @dataclass(frozen=True)
@@ -42,6 +56,40 @@ class Resampled:
     groups: list[tuple[str, str, np.ndarray]]
     weights: np.ndarray
 
+    @property
+    def scopes(self) -> list[np.ndarray]:
+        """Image positions of scope 0 (everybody), then of each group."""
+        return [np.arange(self.data.label.size)] + [positions for _, _, positions in self.groups]
+
+    @functools.cached_property
+    def tallies(self) -> Tallies:
+        """Computed once, on first use, for the metrics and the kappas alike: one pass per
+        scope over its patients (one weight gather, one product for every column)."""
+        data, n_models = self.data, len(self.data.archs)
+        first, second = pairs(n_models)
+        weights = self.weights.astype(np.float32)
+        per_scope = []
+        for positions in self.scopes:
+            label, pred = data.label[positions], data.pred[:, positions]
+            correct = pred == label
+            indicators = np.empty((positions.size, 2 + 2 * n_models + first.size), np.float32)
+            indicators[:, 0], indicators[:, 1] = label, ~label
+            indicators[:, 2:2 + n_models] = (label & pred).T
+            indicators[:, 2 + n_models:2 + 2 * n_models] = (~label & pred).T
+            indicators[:, 2 + 2 * n_models:] = (correct[first] == correct[second]).T
+            per_scope.append(scope_sums(weights, data.subject_index, positions, indicators))
+        sums = np.stack(per_scope)  # (S, 1 + R, Q)
+        return Tallies(positives=sums[:, :, 0], negatives=sums[:, :, 1],
+                       true_positives=np.moveaxis(sums[:, :, 2:2 + n_models], 2, 0),
+                       false_positives=np.moveaxis(sums[:, :, 2 + n_models:2 + 2 * n_models], 2, 0),
+                       agreeing=sums[:, :, 2 + 2 * n_models:])
+
+
+def pairs(n_models: int) -> tuple[np.ndarray, np.ndarray]:
+    """The model pairs (first, second) in itertools.combinations order."""
+    first, second = np.triu_indices(n_models, k=1)
+    return first, second
+
 
 def resampled_tasks(*, predictions: pd.DataFrame | None = None, tasks: list[TaskData] | None = None,
                     n_bootstrap: int, seed: int) -> Iterator[Resampled]:
@@ -51,125 +99,47 @@ def resampled_tasks(*, predictions: pd.DataFrame | None = None, tasks: list[Task
                         weights=subject_weights(n_subjects=data.n_subjects, n_resamples=n_bootstrap, seed=seed, task=data.task))
 
 
-def workers() -> int:
-    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
-
-
 def scope_sums(weights: np.ndarray, subject_index: np.ndarray, positions: np.ndarray, indicators: np.ndarray) -> np.ndarray:
     """(1 + R, Q) weighted sums over the images at `positions` of the (len(positions), Q)
     0/1 (or small integer) `indicators`: per-subject sums, then one float32 product."""
     subjects, inverse = np.unique(subject_index[positions], return_inverse=True)
     by_subject = sparse.csr_matrix((np.ones(positions.size, np.float32), (inverse, np.arange(positions.size))),
-                                   shape=(subjects.size, positions.size)) @ indicators.astype(np.float32)
-    return (weights[:, subjects].astype(np.float32) @ np.asarray(by_subject)).astype(np.float64)
+                                   shape=(subjects.size, positions.size)) @ indicators.astype(np.float32, copy=False)
+    # Every subject (scope 0): the weights as they are, no gathered copy.
+    scope_weights = weights if subjects.size == weights.shape[1] else weights[:, subjects]
+    return (scope_weights.astype(np.float32, copy=False) @ np.asarray(by_subject)).astype(np.float64)
 
 
 def metric_values(resampled: Resampled) -> tuple[np.ndarray, np.ndarray]:
     """Every METRIC of every model, overall (M, K, 1 + R) and per group (M, G, K, 1 + R);
     resample 0 is the point estimate. Equals metrics.metric_matrix on the image weights."""
-    data = resampled.data
-    scopes = [np.arange(data.label.size)] + [positions for _, _, positions in resampled.groups]
-    confusion = np.stack([_confusion(resampled.weights, data, positions) for positions in scopes], axis=1)  # (M, S, 4, R)
-    auroc = _auroc(resampled)                                                                              # (M, S, R)
-    values = metrics_from_confusion(*np.moveaxis(confusion, 2, 0), auroc)                                  # (M, S, R, K)
+    tallies = resampled.tallies
+    tp, fp = tallies.true_positives, tallies.false_positives                                 # (M, S, R)
+    values = metrics_from_confusion(tp, tallies.positives - tp, fp, tallies.negatives - fp, _auroc(resampled))  # (M, S, R, K)
     values = np.moveaxis(values, 3, 2)
     return values[:, 0], values[:, 1:]
 
 
-def _confusion(weights: np.ndarray, data: TaskData, positions: np.ndarray) -> np.ndarray:
-    """(M, 4, 1 + R) weighted TP, FN, FP, TN of every model over the images at `positions`."""
-    label, pred = data.label[positions], data.pred[:, positions]
-    indicators = np.column_stack([label, ~label, (label & pred).T, (~label & pred).T])
-    sums = scope_sums(weights, data.subject_index, positions, indicators)
-    n_models = pred.shape[0]
-    positives, negatives = sums[:, 0], sums[:, 1]
-    tp, fp = sums[:, 2:2 + n_models].T, sums[:, 2 + n_models:].T
-    return np.stack([tp, positives - tp, fp, negatives - fp], axis=1)
-
-
-@dataclass(frozen=True)
-class _Ordering:
-    """For one model and one attribute: negatives sorted by (group, score) and, per positive
-    (sorted by group), where its group's negatives scoring below / not above it end."""
-
-    negative_subjects: np.ndarray
-    positive_subjects: np.ndarray
-    below: np.ndarray
-    not_above: np.ndarray
-    negative_start: np.ndarray   # (G,) first negative of each group in the sorted order
-    negative_end: np.ndarray     # (G,)
-    positive_start: np.ndarray   # (G,) first positive of each group
-    has_positives: np.ndarray    # (G,) bool
-
-
-def _ordering(data: TaskData, score_rank: np.ndarray, code: np.ndarray, n_groups: int) -> _Ordering:
-    key = code.astype(np.int64) * (int(score_rank.max()) + 2) + score_rank
-    negatives, positives = np.flatnonzero(~data.label), np.flatnonzero(data.label)
-    negatives = negatives[np.argsort(key[negatives], kind="stable")]
-    positives = positives[np.argsort(code[positives], kind="stable")]
-    negative_keys = key[negatives]
-    group_keys = np.arange(n_groups + 1, dtype=np.int64) * (int(score_rank.max()) + 2)
-    bounds = np.searchsorted(negative_keys, group_keys, side="left")
-    n_positive = np.bincount(code[positives], minlength=n_groups)
-    return _Ordering(
-        negative_subjects=data.subject_index[negatives], positive_subjects=data.subject_index[positives],
-        below=np.searchsorted(negative_keys, key[positives], side="left"),
-        not_above=np.searchsorted(negative_keys, key[positives], side="right"),
-        negative_start=bounds[:-1], negative_end=bounds[1:],
-        positive_start=np.r_[0, np.cumsum(n_positive)[:-1]], has_positives=n_positive > 0,
-    )
-
-
 def _auroc(resampled: Resampled) -> np.ndarray:
-    """(M, 1 + G, 1 + R) AUROC overall (scope 0) and per group."""
+    """(M, 1 + G, 1 + R) AUROC overall (scope 0) and per group, one walk per model."""
     data = resampled.data
-    attributes = list(dict.fromkeys(attribute for attribute, _, _ in resampled.groups))
-    codes, first_scope = [np.zeros(data.label.size, dtype=np.int64)], [0]  # scope 0: everybody, one group
-    scope = 1
-    for attribute in attributes:
-        code = np.zeros(data.label.size, dtype=np.int64)
-        members = [positions for a, _, positions in resampled.groups if a == attribute]
-        for g, positions in enumerate(members):
-            code[positions] = g
-        codes.append(code)
-        first_scope.append(scope)
-        scope += len(members)
-    n_groups = [int(code.max()) + 1 for code in codes]
-    blocks = [resampled.weights[start:start + RESAMPLE_BLOCK] for start in range(0, resampled.weights.shape[0], RESAMPLE_BLOCK)]
+    scopes = _scope_codes(data.label.size, resampled.groups)
+    weights_t = np.ascontiguousarray(resampled.weights.T)
 
     def one_model(m: int) -> np.ndarray:
-        score_rank = np.unique(data.prob[m], return_inverse=True)[1].astype(np.int64)
-        out = np.full((scope, resampled.weights.shape[0]), np.nan)
-        for code, first, count in zip(codes, first_scope, n_groups):
-            order = _ordering(data, score_rank, code, count)
-            out[first:first + count] = np.concatenate([_auroc_block(order, block) for block in blocks], axis=1)
-        return out
+        return scope_auroc(score=data.prob[m], label=data.label, subject_index=data.subject_index, scopes=scopes,
+                           n_scopes=1 + len(resampled.groups), subject_weights_t=weights_t)
 
     with ThreadPoolExecutor(max_workers=workers()) as pool:
         return np.stack(list(pool.map(one_model, range(len(data.archs)))))
 
 
-def _auroc_block(order: _Ordering, block: np.ndarray) -> np.ndarray:
-    """(G, b) AUROC for a (b, n_subjects) block of subject weights (exact integer arithmetic).
-
-    Resamples are rows, images columns: every pass (gather, cumulative sum, per-group sums)
-    runs along contiguous memory. int32 holds any cumulative weight (at most the number of
-    images drawn); the per-group sums of weight x credit are taken in int64."""
-    cumulative = np.zeros((block.shape[0], order.negative_subjects.size + 1), dtype=np.int32)
-    np.cumsum(np.take(block, order.negative_subjects, axis=1), axis=1, out=cumulative[:, 1:])
-    positive_weights = np.take(block, order.positive_subjects, axis=1)
-    # Twice the credit (below + not above = 2 below + ties) keeps half-counted ties integer.
-    credit = np.take(cumulative, order.below, axis=1)
-    credit += np.take(cumulative, order.not_above, axis=1)
-    credit *= positive_weights
-    n_groups = order.negative_start.size
-    twice, positive_total = np.zeros((n_groups, block.shape[0]), np.int64), np.zeros((n_groups, block.shape[0]), np.int64)
-    if order.has_positives.any():
-        starts = order.positive_start[order.has_positives]
-        twice[order.has_positives] = np.add.reduceat(credit, starts, axis=1, dtype=np.int64).T
-        positive_total[order.has_positives] = np.add.reduceat(positive_weights, starts, axis=1, dtype=np.int64).T
-    base = np.take(cumulative, order.negative_start, axis=1).T.astype(np.int64)   # negatives of earlier groups
-    concordant = (twice - 2 * base * positive_total) / 2
-    denominator = positive_total * (np.take(cumulative, order.negative_end, axis=1).T - base)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(denominator > 0, concordant / np.where(denominator > 0, denominator, 1), np.nan)
+def _scope_codes(n_images: int, groups: list[tuple[str, str, np.ndarray]]) -> np.ndarray:
+    """(1 + attributes, images) scope of each image: row 0 all 0 (everybody), then per
+    attribute the number 1 + g of its group in `groups` (each attribute's groups partition
+    the images)."""
+    attributes = list(dict.fromkeys(attribute for attribute, _, _ in groups))
+    scopes = np.zeros((1 + len(attributes), n_images), dtype=np.int64)
+    for g, (attribute, _, positions) in enumerate(groups, start=1):
+        scopes[1 + attributes.index(attribute), positions] = g
+    return scopes

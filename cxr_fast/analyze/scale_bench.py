@@ -7,7 +7,9 @@ cached in build/bench/ under a name that spells the size), runs the analysis CLI
 process and records its wall time, its peak resident memory (the child's ru_maxrss) and the
 size of every report file in benchmarks/results/analyze-scale-<machine>-<date>.json.
 The child runs as a user would run it, so the numbers include reading the files and writing
-the report.
+the report, and its worker processes (the statsmodels fits, the figures) are counted in the
+summed memory. On a virtual machine the hypervisor may take CPU time away (steal); its share
+during the run is recorded beside the wall time.
 """
 
 from __future__ import annotations
@@ -49,20 +51,60 @@ def simulated_pred_dir(*, images: int, subjects: int, archs: int, seed: int = 0,
 
 
 def measure(*, pred_dir: Path, out: Path, bootstrap: int) -> dict:
-    """Run the analysis CLI once in a child process; wall seconds, child peak RSS, file sizes."""
+    """Run the analysis CLI once in a child process: wall seconds, the peak of
+    the summed resident memory of it and its worker processes, the share of CPU time the
+    hypervisor took away (steal) meanwhile, and every report file's size."""
     command = [sys.executable, "-m", "cxr_fast.analyze", "--pred-dir", str(pred_dir), "--out", str(out),
                "--bootstrap", str(bootstrap)]
+    steal_before = _cpu_jiffies()
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    peak_tree = 0
+    while child.poll() is None:
+        peak_tree = max(peak_tree, _tree_rss_kib(child.pid))
+        time.sleep(0.1)
     wall = time.perf_counter() - start
-    # RUSAGE_CHILDREN: the largest peak of any waited-for child, which is the one we ran.
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, command)
+    steal_after = _cpu_jiffies()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = {
         "command": " ".join(["python"] + command[1:]),
         "wall_s": round(wall, 2),
-        "peak_rss_mb": round(peak_kib / 1024, 1),
+        # RUSAGE_CHILDREN: the largest peak of any one process (the analysis itself).
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
         "report_files_mb": {path.name: round(path.stat().st_size / 2**20, 2) for path in sorted(out.iterdir())},
     }
+    if peak_tree:
+        result["peak_tree_rss_mb"] = round(peak_tree / 1024, 1)  # all its processes together, sampled every 0.1 s
+    if steal_before and steal_after:
+        (steal0, total0), (steal1, total1) = steal_before, steal_after
+        result["steal_share"] = round((steal1 - steal0) / max(total1 - total0, 1), 3)
+    return result
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(steal, total) CPU time of the machine from /proc/stat (Linux; None elsewhere)."""
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def _tree_rss_kib(pid: int) -> int:
+    """Resident memory of a process and all its descendants (Linux /proc; 0 elsewhere)."""
+    total, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(child) for child in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue  # the process ended meanwhile
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
