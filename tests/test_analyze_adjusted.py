@@ -82,6 +82,7 @@ def test_fits_from_covariate_patterns_equal_statsmodels_fits_on_the_images(two_t
     assert compared > 100
 
 
+@pytest.mark.slow  # worker processes / a subprocess
 def test_the_table_does_not_depend_on_the_number_of_worker_processes(two_tasks):
     predictions, table = two_tasks
     pd.testing.assert_frame_equal(adjusted_table(predictions=predictions, workers=2), table)

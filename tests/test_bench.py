@@ -189,6 +189,7 @@ def test_resume_refuses_a_kill_after_the_last_epoch(phantom_shards, tmp_path):
         kill_and_resume(phantom_shards, tmp_path, epochs=2, kill_after_epoch=2)
 
 
+@pytest.mark.slow  # worker processes / a subprocess
 def test_gpu_check_script_is_the_python_command():
     script = ROOT / "tools" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0

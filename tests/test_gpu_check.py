@@ -87,6 +87,7 @@ def blocking_site(folder: Path) -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(ROOT)]), "WANDB_MODE": "disabled"}
 
 
+@pytest.mark.slow  # worker processes / a subprocess
 def test_gpu_check_import_chain_needs_no_optional_package(tmp_path):
     code = ("import importlib.util, sys\n"
             "assert importlib.util.find_spec('webdataset') is None\n"
