@@ -131,3 +131,22 @@ def test_worker_processes_change_no_table_and_no_figure(tmp_path, monkeypatch):
     for name in alone.tables:
         pd.testing.assert_frame_equal(spread.tables[name], alone.tables[name])
     assert render_html(spread) == render_html(alone)
+
+
+def test_a_long_roc_curve_is_drawn_as_its_staircase_on_a_grid():
+    from cxr_fast.analyze.figures import ROC_DRAWN_POINTS, _drawn_roc
+    from cxr_fast.metrics import roc_points
+
+    rng = np.random.default_rng(0)
+    label = rng.random(20_000) < 0.3
+    points = roc_points(label=label, score=rng.normal(label * 1.0))
+    fpr, tpr = points["fpr"].to_numpy(), points["tpr"].to_numpy()
+    assert fpr.size > ROC_DRAWN_POINTS
+    drawn_fpr, drawn_tpr = _drawn_roc(fpr, tpr)
+    assert drawn_fpr.size < 2 * ROC_DRAWN_POINTS and drawn_fpr[0] == 0 and drawn_fpr[-1] == 1
+    assert np.all(np.diff(drawn_fpr) >= 0) and np.all(np.diff(drawn_tpr) >= 0)
+    # At each grid point the staircase is at the highest TPR the curve reaches by that FPR.
+    for x, y in zip(drawn_fpr[::2], drawn_tpr[::2]):
+        assert y == tpr[fpr <= x].max()
+    few_fpr, few_tpr = fpr[:100], tpr[:100]
+    assert _drawn_roc(few_fpr, few_tpr)[0] is few_fpr

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any, Callable, Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -73,10 +74,10 @@ def roc_figure(tasks: list[TaskData]) -> str:
         aucs = []
         for m, arch in enumerate(data.archs):
             points = roc_points(label=data.label, score=data.prob[m])
-            # The exact vertices' trapezoids are the AUROC, ties counted half.
             fpr, tpr = points["fpr"].to_numpy(), points["tpr"].to_numpy()
+            # The exact vertices' trapezoids are the AUROC, ties counted half.
             aucs.append(float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2))
-            fpr, tpr = _drawn_roc(points)
+            fpr, tpr = _drawn_roc(fpr, tpr)
             style = dict(lw=0.8, color="#2c7fb8", alpha=0.5) if many else dict(lw=1.2, label=f"{arch} ({aucs[-1]:.3f})")
             axis.plot(fpr, tpr, **style)
         if many:
@@ -90,12 +91,11 @@ def roc_figure(tasks: list[TaskData]) -> str:
 ROC_DRAWN_POINTS = 1024  # per curve; a panel is ~360 px wide
 
 
-def _drawn_roc(points: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """The curve as drawn: the highest TPR reached at each of ROC_DRAWN_POINTS evenly spaced
-    FPRs (plus the vertices themselves when there are fewer). A study-sized test split has
-    ~30,000 vertices per curve, 114 curves take seconds to rasterise, and at this resolution
-    the difference is under a pixel."""
-    fpr, tpr = points["fpr"].to_numpy(), points["tpr"].to_numpy()
+def _drawn_roc(fpr: np.ndarray, tpr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The curve as drawn: its vertices if there are at most ROC_DRAWN_POINTS, otherwise a
+    staircase through the highest TPR reached at each of ROC_DRAWN_POINTS evenly spaced FPRs.
+    A study-sized test split has ~30,000 vertices per curve, 114 curves take seconds to
+    rasterise, and at this resolution the difference is under a pixel."""
     if fpr.size <= ROC_DRAWN_POINTS:
         return fpr, tpr
     grid = np.linspace(0, 1, ROC_DRAWN_POINTS)

@@ -106,8 +106,8 @@ def analyze(*, pred_dir: str | Path, settings: Settings = Settings()) -> Analysi
 
     The predictions are split into per-task arrays once, shared by every table; each task's
     resample weights are built once and shared by the model, subgroup and consistency tables.
-    With more than one core and a study-sized input the case tables (systematic, adjusted: Python-bound statsmodels
-    fits) run in a process beside the threads of the resampled tables (numpy)."""
+    With more than one core and a study-sized input the case tables (systematic, adjusted:
+    Python-bound statsmodels fits) run in a process beside the threads of the resampled tables."""
     settings.validate()
     predictions = load_predictions(pred_dir=pred_dir, split=settings.split)
     tasks = task_data(predictions)

@@ -14,8 +14,8 @@ threads (the kernel releases the GIL).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -93,7 +93,8 @@ def pairs(n_models: int) -> tuple[np.ndarray, np.ndarray]:
 
 def resampled_tasks(*, predictions: pd.DataFrame | None = None, tasks: list[TaskData] | None = None,
                     n_bootstrap: int, seed: int) -> Iterator[Resampled]:
-    """One Resampled per task, built lazily so only one task's weights are in memory at a time."""
+    """One Resampled per task, built lazily: a caller that goes task by task (or a few at a time,
+    as the analysis' threads do) holds only those tasks' weights and tallies."""
     for data in (tasks if tasks is not None else task_data(predictions)):
         yield Resampled(data=data, groups=list(iter_groups(data.images)),
                         weights=subject_weights(n_subjects=data.n_subjects, n_resamples=n_bootstrap, seed=seed, task=data.task))
