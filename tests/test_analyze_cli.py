@@ -53,6 +53,15 @@ def test_models_of_one_task_with_different_test_sets(tmp_path, capsys):
     assert "edema" in message and "differ" in message and ".parquet" in message
 
 
+def test_two_files_with_the_same_task_and_arch(tmp_path, capsys):
+    frame = simulate_predictions(tasks=("edema",), archs=("resnet50", "densenet121"), n_images=60)
+    frames = {recipe: rows for recipe, rows in frame.groupby("recipe")}
+    frames["edema_resnet50_again"] = frames["edema_resnet50"].assign(recipe="edema_resnet50_again")
+    message = run_expecting_error(cli_args(write_frames(tmp_path / "all_pred", frames), tmp_path / "out"), capsys)
+    assert "edema_resnet50_again.parquet" in message and "arch 'resnet50' is also in" in message
+    assert "edema_resnet50.parquet" in message
+
+
 def test_no_rows_for_the_split(tmp_path, capsys):
     pred_dir = write_pred_dir(tmp_path, n_images=40)
     message = run_expecting_error(cli_args(pred_dir, tmp_path / "out", "--split", "val"), capsys)

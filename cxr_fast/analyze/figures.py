@@ -9,8 +9,9 @@ switches the backend of a notebook and nothing needs a display.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import matplotlib
@@ -29,18 +30,30 @@ MAX_MARKERS = 6  # forest plots show one marker per model up to this many models
 FLAG_COLOR = "#c0392b"
 
 
-def draw_all(jobs: dict[Hashable, tuple[Callable[..., str], dict[str, Any]]], *, rows: int) -> dict[Hashable, str]:
-    """Every figure (name -> (figure function, its keyword arguments)) as a data URI.
+Jobs = dict[Hashable, tuple[Callable[..., str], dict[str, Any]]]  # name -> (figure function, its keyword arguments)
+
+
+def draw_all(jobs: Jobs, *, rows: int) -> dict[Hashable, str]:
+    """Every figure of `jobs` as a data URI (see `drawing`)."""
+    with drawing(jobs, rows=rows) as drawn:
+        return drawn()
+
+
+@contextlib.contextmanager
+def drawing(jobs: Jobs, *, rows: int) -> Iterator[Callable[[], dict[Hashable, str]]]:
+    """Start drawing every figure of `jobs`; the yielded function returns name -> data URI.
 
     Drawing is Python-bound (text layout, Agg), so for a study-sized input (`rows`
-    predictions) with cores to spare the figures are drawn in processes, the slowest first.
-    The figures are the same either way."""
+    predictions) with cores to spare the figures are drawn in worker processes, the slowest
+    first, while the caller goes on (writing the tables, say). The figures are the same
+    either way; in-process they are drawn when asked for."""
     n_workers = min(workers(), len(jobs))
     if n_workers <= 1 or not processes_pay(rows):
-        return {name: function(**kwargs) for name, (function, kwargs) in jobs.items()}
+        yield lambda: {name: function(**kwargs) for name, (function, kwargs) in jobs.items()}
+        return
     with process_pool(n_workers, preload=(__name__,)) as pool:
         futures = {name: pool.submit(function, **kwargs) for name, (function, kwargs) in jobs.items()}
-        return {name: future.result() for name, future in futures.items()}
+        yield lambda: {name: future.result() for name, future in futures.items()}
 
 
 def _data_uri(figure: Figure) -> str:

@@ -107,27 +107,22 @@ def _check_pred_matches_threshold(path: Path, rows: pd.DataFrame, prob: np.ndarr
                        f"pred {int(pred[first])}")
 
 
-def check_shared_images(predictions: pd.DataFrame) -> None:
-    """Models of one task must be scored on the same images with the same labels: every
-    pairwise comparison (kappa, share of models wrong) is per image."""
-    for task, rows in predictions.groupby("task", sort=True):
-        if not _same_images_and_labels(rows):
-            _raise_first_difference(task, rows)
-        duplicated = rows.drop_duplicates("source")["arch"].duplicated()
-        if duplicated.any():
-            arch = rows.drop_duplicates("source")["arch"][duplicated].iloc[0]
-            files = rows.loc[rows["arch"] == arch, "source"].unique()
-            raise CxrError(f"{files[-1]}: task {task!r} arch {arch!r} is also in {files[0]}")
+def _check_one_file_per_arch(task: str, rows: pd.DataFrame) -> None:
+    files = rows.drop_duplicates("source")
+    duplicated = files["arch"].duplicated()
+    if duplicated.any():
+        arch = files["arch"][duplicated].iloc[0]
+        both = rows.loc[rows["arch"] == arch, "source"].unique()
+        raise CxrError(f"{both[-1]}: task {task!r} arch {arch!r} is also in {both[0]}")
 
 
-def _same_images_and_labels(rows: pd.DataFrame) -> bool:
-    """One sort of the task's rows by (source, key): every source's keys and labels equal the first's."""
-    sizes = rows.groupby("source", sort=False).size()
-    if sizes.nunique() != 1:
+def _same_images_and_labels(grid: pd.DataFrame, n_models: int) -> bool:
+    """`grid`: a task's rows sorted by (arch, key). True when every model's keys and labels
+    equal the first model's, i.e. the rows are an (archs x images) grid."""
+    if len(grid) % n_models:
         return False
-    ordered = rows.sort_values(["source", "key"], kind="stable")
-    keys = ordered["key"].to_numpy().reshape(len(sizes), -1)
-    labels = ordered["label"].to_numpy().reshape(len(sizes), -1)
+    keys = grid["key"].to_numpy().reshape(n_models, -1)
+    labels = grid["label"].to_numpy().reshape(n_models, -1)
     return bool((keys == keys[0]).all() and (labels == labels[0]).all())
 
 
@@ -197,16 +192,20 @@ class TaskData:
 
 
 def task_data(predictions: pd.DataFrame) -> list[TaskData]:
-    """Split the stacked predictions into one TaskData per task (sorted by task name)."""
+    """Split the stacked predictions into one TaskData per task (sorted by task name).
+
+    Models of one task must be scored on the same images with the same labels (every pairwise
+    comparison, kappa or share of models wrong, is per image): a file that differs is a
+    one-line error naming it."""
     if "source" not in predictions:
         predictions = predictions.assign(source=predictions["task"].astype(str) + "_" + predictions["arch"].astype(str))
-    check_shared_images(predictions)
     tasks = []
     for task, rows in predictions.groupby("task", sort=True):
-        # Every arch has the same keys once (checked above): sorted by (arch, key), the rows
-        # are an (archs x images) grid.
+        _check_one_file_per_arch(task, rows)
         rows = rows.sort_values(["arch", "key"], kind="stable")
         archs = tuple(rows["arch"].drop_duplicates())
+        if not _same_images_and_labels(rows, len(archs)):
+            _raise_first_difference(task, rows)
         n_images = len(rows) // len(archs)
         images = rows.iloc[:n_images].reindex(columns=list(IMAGE_COLUMNS)).reset_index(drop=True)
         prob = rows["prob"].to_numpy(float).reshape(len(archs), n_images)

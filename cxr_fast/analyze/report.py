@@ -332,13 +332,11 @@ def _adjusted_section(adjusted: pd.DataFrame) -> str:
                if len(shown) else "<p>No group is flagged by either analysis.</p>"))
 
 
-def render_html(analysis: Analysis) -> str:
-    settings, tables = analysis.settings, analysis.tables
-    tasks = analysis.tasks
-    consistency = tables["consistency"]
-    inputs = analysis.inputs
-    subgroups = tables["subgroups"]
-    jobs = {"roc": (figures.roc_figure, dict(tasks=tasks))}
+def figure_jobs(analysis: Analysis) -> figures.Jobs:
+    """The report's figures: name -> (figure function, its keyword arguments)."""
+    tables, tasks = analysis.tables, analysis.tasks
+    consistency, subgroups = tables["consistency"], tables["subgroups"]
+    jobs: figures.Jobs = {"roc": (figures.roc_figure, dict(tasks=tasks))}
     jobs |= {("forest", data.task): (figures.forest_figure, dict(subgroups=subgroups[subgroups["task"] == data.task],
                                                                  task=data.task)) for data in tasks}
     if not consistency.empty:
@@ -346,7 +344,17 @@ def render_html(analysis: Analysis) -> str:
                  "mean_kappa": (figures.mean_kappa_figure, dict(consistency=consistency))}
     jobs |= {("composition", a): (figures.composition_figure, dict(systematic=tables["systematic"], attribute=a))
              for a in DEMOGRAPHICS}
-    uris = figures.draw_all(jobs, rows=len(analysis.predictions))
+    return jobs
+
+
+def render_html(analysis: Analysis, uris: dict | None = None) -> str:
+    """The report page; `uris` are the drawn figure_jobs (drawn here when not given)."""
+    settings, tables = analysis.settings, analysis.tables
+    tasks = analysis.tasks
+    consistency = tables["consistency"]
+    inputs = analysis.inputs
+    if uris is None:
+        uris = figures.draw_all(figure_jobs(analysis), rows=len(analysis.predictions))
     forest_uris = {data.task: uris["forest", data.task] for data in tasks}
     kappa_uri, mean_uri = uris.get("kappa"), uris.get("mean_kappa")
     composition_uris = [uris["composition", a] for a in DEMOGRAPHICS]
@@ -405,13 +413,12 @@ def write_report(*, analysis: Analysis, out: str | Path) -> Path:
     nothing), so a mistyped `--out .` cannot delete unrelated files."""
     out = Path(out)
     _check_replaceable(out)
-    page = render_html(analysis).encode("utf-8")
-    record = summary(analysis)
-    with atomic_folder(out) as folder:
+    # The figures are drawn (in worker processes at study size) while the tables are written.
+    with figures.drawing(figure_jobs(analysis), rows=len(analysis.predictions)) as drawn, atomic_folder(out) as folder:
         for name, table in analysis.tables.items():
             write_csv(folder / f"{name}.csv", table)
-        write_json(folder / REPORT_MARKER, record)
-        write_bytes(folder / "index.html", page)
+        write_json(folder / REPORT_MARKER, summary(analysis))
+        write_bytes(folder / "index.html", render_html(analysis, drawn()).encode("utf-8"))
     return out / "index.html"
 
 
