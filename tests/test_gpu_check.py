@@ -16,7 +16,7 @@ from cxr_fast.bench import gpu_check
 from cxr_fast.errors import CxrError
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL = ("nvidia.dali", "webdataset", "wandb")  # absent from a GPU image's own python3
+OPTIONAL = ("nvidia.dali", "webdataset", "wandb", "numba")  # absent from a GPU image's own python3 (numba: only the analysis needs it)
 
 SMI_BANNER = """\
 +-----------------------------------------------------------------------------------------+
@@ -80,7 +80,7 @@ def test_missing_compiler_or_headers_skips_compilation(monkeypatch, tmp_path):
 
 
 def blocking_site(folder: Path) -> dict:
-    """An environment whose Python cannot import DALI, webdataset or wandb (a GPU image's python3)."""
+    """An environment whose Python cannot import DALI, webdataset, wandb or numba (a GPU image's python3)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(
         "import sys\nfor name in %r:\n    sys.modules[name] = None  # import fails, find_spec says absent\n" % (OPTIONAL,))
