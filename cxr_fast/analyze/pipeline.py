@@ -13,7 +13,7 @@ from cxr_fast.analyze.adjusted import adjusted_table
 from cxr_fast.analyze.consistency import consistency_frame, task_consistency
 from cxr_fast.analyze.inputs import TaskData, load_predictions, task_data
 from cxr_fast.analyze.performance import FLAG_METRICS, flag_subgroups, model_rows, subgroup_rows
-from cxr_fast.analyze.resampled import Resampled, metric_values, resampled_tasks
+from cxr_fast.analyze.resampled import metric_values, resample
 from cxr_fast.analyze.systematic import systematic_images, systematic_table
 from cxr_fast.analyze.parallel import blas_single_threaded, process_pool, processes_pay, workers
 from cxr_fast.errors import CxrError
@@ -123,17 +123,18 @@ def analyze(*, pred_dir: str | Path, settings: Settings = Settings()) -> Analysi
 
 def resampled_tables(tasks: list[TaskData], settings: Settings) -> dict[str, pd.DataFrame]:
     """The tables built on each task's bootstrap resamples: models, subgroups, consistency.
-    Tasks run in threads: their arithmetic is numpy and the AUROC kernel, which release the GIL."""
+    Tasks run in threads: their arithmetic is numpy and the AUROC kernel, which release the GIL.
+    Each thread draws its task's weights, so only the running tasks' weights are in memory."""
 
-    def one_task(resampled: Resampled) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+    def one_task(data: TaskData) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+        resampled = resample(data, n_bootstrap=settings.n_bootstrap, seed=settings.seed)
         overall, by_group = metric_values(resampled)
         return (model_rows(resampled, overall, level=settings.ci_level),
                 subgroup_rows(resampled, overall, by_group, min_count=settings.min_count, level=settings.ci_level),
                 task_consistency(resampled, level=settings.ci_level, min_count=settings.min_count))
 
     with ThreadPoolExecutor(max_workers=workers()) as pool:
-        models, subgroups, consistency = zip(*pool.map(one_task, resampled_tasks(
-            tasks=tasks, n_bootstrap=settings.n_bootstrap, seed=settings.seed)))
+        models, subgroups, consistency = zip(*pool.map(one_task, tasks))
     return {
         "models": pd.concat(models, ignore_index=True),
         "subgroups": flag_subgroups(pd.concat(subgroups, ignore_index=True), fdr=settings.fdr),

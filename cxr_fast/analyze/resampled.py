@@ -30,6 +30,7 @@ from cxr_fast.analyze.inputs import TaskData, task_data
 from cxr_fast.analyze.parallel import workers
 from cxr_fast.metrics import metrics_from_confusion
 
+
 @dataclass(frozen=True)
 class Tallies:
     """Weighted counts of every scope (0 = everybody, then each group) in every resample row
@@ -93,11 +94,15 @@ def pairs(n_models: int) -> tuple[np.ndarray, np.ndarray]:
 
 def resampled_tasks(*, predictions: pd.DataFrame | None = None, tasks: list[TaskData] | None = None,
                     n_bootstrap: int, seed: int) -> Iterator[Resampled]:
-    """One Resampled per task, built lazily: a caller that goes task by task (or a few at a time,
-    as the analysis' threads do) holds only those tasks' weights and tallies."""
+    """One Resampled per task, built lazily so only one task's weights are in memory at a time."""
     for data in (tasks if tasks is not None else task_data(predictions)):
-        yield Resampled(data=data, groups=list(iter_groups(data.images)),
-                        weights=subject_weights(n_subjects=data.n_subjects, n_resamples=n_bootstrap, seed=seed, task=data.task))
+        yield resample(data, n_bootstrap=n_bootstrap, seed=seed)
+
+
+def resample(data: TaskData, *, n_bootstrap: int, seed: int) -> Resampled:
+    """A task's groups and its subject weights (the same draws for any caller: seeded by task)."""
+    return Resampled(data=data, groups=list(iter_groups(data.images)),
+                     weights=subject_weights(n_subjects=data.n_subjects, n_resamples=n_bootstrap, seed=seed, task=data.task))
 
 
 def scope_sums(weights: np.ndarray, subject_index: np.ndarray, positions: np.ndarray, indicators: np.ndarray) -> np.ndarray:
