@@ -1,12 +1,17 @@
-"""The resume checkpoint `weights/<recipe>/last.pt`: written whole, read without running code.
+"""The checkpoints of a run, written whole and read without running code.
 
-`torch.load(weights_only=True)` rebuilds tensors, numbers, strings and containers only, so a
-`last.pt` received from someone else or planted on a shared disk cannot execute anything. The
-RNG states are therefore stored as tensors and lists and rebuilt on resume.
+`weights/<recipe>/last.pt`, the resume checkpoint: `torch.load(weights_only=True)` rebuilds
+tensors, numbers, strings and containers only, so a `last.pt` received from someone else or
+planted on a shared disk cannot execute anything. The RNG states are therefore stored as
+tensors and lists and rebuilt on resume.
+
+`weights/<recipe>/best.safetensors`, the best weights: identical tensors and metadata give an
+identical file (the header is written in one fixed order).
 """
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -14,7 +19,7 @@ import numpy as np
 import torch
 
 from cxr_fast.errors import CxrError, one_line
-from cxr_fast.io import atomic_path
+from cxr_fast.io import atomic_path, write_bytes
 
 # What `save_checkpoint` writes and `load_checkpoint` requires, with the type of each part.
 _PARTS = {"model": dict, "optimizer": dict, "progress": dict, "rng": dict, "config": dict}
@@ -48,8 +53,58 @@ def restore_rng(state: dict) -> None:
 
 
 def save_checkpoint(checkpoint: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+    # torch.save to a path reports a full disk as `basic_ios::clear: iostream error`; to a
+    # Python file it raises the OSError itself, which atomic_path turns into one line.
+    with atomic_path(path, needed_bytes=lambda: tensor_bytes(checkpoint)) as tmp, open(tmp, "wb") as handle:
+        torch.save(checkpoint, handle)
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of every tensor in a nested checkpoint: about the size of its file."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(item) for item in value)
+    return 0
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write `tensors` and `metadata` as a safetensors file; the same input gives the same bytes."""
+    write_bytes(path, canonical_safetensors(_safetensors_bytes(tensors, metadata)))
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors, metadata=metadata)
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """`data` with its JSON header rewritten with the metadata keys sorted. safetensors keeps
+    the metadata in a hash map, whose order changes from one process to the next; the
+    tensors' entries and offsets are already in a fixed order and stay as they are."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8 bytes
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a file that is not one is a one-line CxrError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise CxrError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CxrError(f"{path}: not a safetensors file ({one_line(error, 120)})") from error
 
 
 def load_checkpoint(path: Path) -> dict:

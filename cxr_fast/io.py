@@ -9,9 +9,9 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from cxr_fast.errors import CxrError
+from cxr_fast.errors import CxrError, one_line, reported_os_errors
 
 if TYPE_CHECKING:  # pandas is imported by the readers that need it, not by every atomic write
     import pandas as pd
@@ -20,22 +20,26 @@ TEMPORARY_MARK = ".tmp-"  # atomic_path's temporaries: `.NAME.tmp-PID`
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, needed_bytes: int | Callable[[], int] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; rename it over `path` only if the block succeeds.
 
     The temporary name keeps the final suffix hidden behind `.tmp-<pid>` so globbing for
-    final files (`*.tar`, `*.parquet`) never sees a half-written one.
+    final files (`*.tar`, `*.parquet`) never sees a half-written one. An OSError while
+    writing (a full disk, a read-only folder) is the one-line CxrError of
+    `errors.os_error_line` naming `path`; `needed_bytes` (about the size of the file) goes
+    into its no-space line.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{TEMPORARY_MARK}{os.getpid()}")
     try:
-        yield tmp
-        if tmp.is_file():
-            # Some writers (safetensors) create their file 0600; the result honours the umask
-            # like any other file, so a group on a shared cluster can read it.
-            os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
+        with reported_os_errors(path, needed_bytes=needed_bytes, hidden=tmp):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            if tmp.is_file():
+                # Some writers (safetensors) create their file 0600; the result honours the umask
+                # like any other file, so a group on a shared cluster can read it.
+                os.chmod(tmp, 0o666 & ~current_umask())
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -50,23 +54,27 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     `.NAME.tmp-PID` / `.NAME.old-PID` folders of processes no longer running on this host
     (a kill -9) are deleted by the next call for `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{TEMPORARY_MARK}{os.getpid()}")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    _remove_dead_folder_temporaries(path)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        yield tmp
-        if path.exists():
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if old.exists():
-                os.replace(old, path)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        with reported_os_errors(path, hidden=tmp):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_dead_folder_temporaries(path)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            yield tmp
+            if path.exists():
+                os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if old.exists():
+                    os.replace(old, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+    except CxrError as error:
+        # A file inside the temporary folder failed: name it where the user will look for it.
+        raise CxrError(str(error).replace(str(tmp), str(path))) from error
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -122,8 +130,19 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, needed_bytes=len(data)) as tmp:
         tmp.write_bytes(data)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content; a missing, unreadable or malformed file is a one-line CxrError."""
+    path = Path(path)
+    with reported_os_errors(path):
+        text = path.read_bytes()
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CxrError(f"{path}: not a JSON file ({one_line(error, 120)})") from error
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -141,13 +160,18 @@ def _json_default(value: Any) -> Any:
 
 
 def write_parquet(path: str | os.PathLike, frame: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, needed_bytes=lambda: _frame_bytes(frame)) as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+def _frame_bytes(frame: pd.DataFrame) -> int:
+    # The table in memory: an upper bound of its compressed file, a fair "needed about".
+    return int(frame.memory_usage(index=False, deep=True).sum())
 
 
 def write_csv(path: str | os.PathLike, frame: pd.DataFrame) -> None:
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, needed_bytes=lambda: _frame_bytes(frame)) as tmp:
         if path.suffix == ".gz":
             # mtime=0 and the final name (not the temporary's, which holds the pid) in the
             # header keep gzip output byte-identical between runs.

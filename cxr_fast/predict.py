@@ -10,16 +10,16 @@ sex, age, age_group, race, view (AP/PA/...: an attribute of the subgroup analysi
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from cxr_fast.checkpoint import load_safetensors
 from cxr_fast.engine import compile_model, loader_budget_bytes, make_accelerator, predict_probs
 from cxr_fast.errors import CxrError, run_cli
-from cxr_fast.io import write_parquet
+from cxr_fast.io import read_json, write_parquet
 from cxr_fast.loading import choose_loader, make_loader, with_shards_resolved
 from cxr_fast.loading.augment import AugmentSettings
 from cxr_fast.loading.payloads import read_manifest
@@ -30,14 +30,19 @@ from cxr_fast.schema import DEMOGRAPHICS, PREDICTION_COLUMNS, SPLITS, VIEW
 SPLIT_CHOICES = (*SPLITS, "all")
 
 
+BEST_RECORD_FIELDS = ("config", "threshold")  # what prediction reads from best.json
+
+
 def load_best(folder: Path, recipe: str) -> tuple[dict, dict]:
     record_path, weights_path = folder / "best.json", folder / "best.safetensors"
     for path in (record_path, weights_path):
         if not path.is_file():
             raise CxrError(f"{path}: not found; train first: python -m cxr_fast.train --recipe {recipe}")
-    from safetensors.torch import load_file
-
-    return json.loads(record_path.read_text()), load_file(str(weights_path))
+    record = read_json(record_path)
+    missing = [name for name in BEST_RECORD_FIELDS if not isinstance(record, dict) or name not in record]
+    if missing:
+        raise CxrError(f"{record_path}: not a best-epoch record (missing {', '.join(missing)})")
+    return record, load_safetensors(weights_path)
 
 
 def predict(recipe: str, overrides: dict | None = None, *, split: str = "test", out_dir: Path = Path("all_pred")) -> Path:

@@ -46,8 +46,12 @@ def age_group(age: pd.Series) -> pd.Series:
 MANIFEST_FILE = "manifest.parquet"
 # Where an image's JPEG bytes are: shard file name, byte offset and length inside it.
 PAYLOAD_COLUMNS: tuple[str, ...] = ("shard", "offset", "nbytes")
+# The CRC-32 of those bytes (zlib.crc32, an unsigned 32-bit number), recorded while sharding and
+# checked wherever the bytes are decoded (cxr_fast/data/integrity.py); manifests written before
+# it existed lack it.
+CHECKSUM_COLUMN = "crc32"
 # What the sharding tool adds to each cohort row (DATA_SPEC.md); height/width of the stored JPEG.
-PLACEMENT_COLUMNS: tuple[str, ...] = ("key", *PAYLOAD_COLUMNS, "height", "width")
+PLACEMENT_COLUMNS: tuple[str, ...] = ("key", *PAYLOAD_COLUMNS, CHECKSUM_COLUMN, "height", "width")
 # What every reader of the manifest needs.
 MANIFEST_COLUMNS: tuple[str, ...] = ("key", "split", *PAYLOAD_COLUMNS)
 

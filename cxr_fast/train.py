@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr_fast.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
+from cxr_fast.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint, save_safetensors
 from cxr_fast.engine import (SplitData, compile_model, configure_backends, labelled_batches, load_task_data,
                              loader_budget_bytes, make_accelerator, peak_lr, predict_probs, prepare_model, train_step)
-from cxr_fast.errors import CxrError, one_line, run_cli
+from cxr_fast.errors import CxrError, one_line, reported_os_errors, run_cli
 from cxr_fast.io import atomic_path, remove_stale_temporaries, write_json
 from cxr_fast.locks import exclusive_lock
 from cxr_fast.loading import choose_loader, make_loader, with_shards_resolved
@@ -61,11 +61,9 @@ def seed_everything(seed: int) -> None:
 
 
 def save_best(model: torch.nn.Module, path: Path, record: dict) -> None:
-    from safetensors.torch import save_file
-
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    with atomic_path(path / "best.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"recipe": record["config"]["recipe"], "epoch": str(record["epoch"])})
+    save_safetensors(state, path / "best.safetensors",
+                     metadata={"recipe": record["config"]["recipe"], "epoch": str(record["epoch"])})
     write_json(path / "best.json", record)
 
 
@@ -125,9 +123,10 @@ class MetricsLog:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        with reported_os_errors(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 

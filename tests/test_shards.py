@@ -43,7 +43,7 @@ def test_outputs_follow_the_data_contract(phantom_shards):
     cohort = pd.read_parquet(phantom_shards / "cohort.parquet")
     manifest = pd.read_parquet(phantom_shards / "manifest.parquet")
     assert list(cohort.columns) == COHORT_COLUMNS
-    assert list(manifest.columns) == COHORT_COLUMNS + ["shard", "offset", "nbytes", "height", "width"]
+    assert list(manifest.columns) == COHORT_COLUMNS + ["shard", "offset", "nbytes", "crc32", "height", "width"]
     assert cohort["key"].is_unique and not cohort["key"].str.contains(".", regex=False).any()
     assert all(cohort[task].dtype == np.float32 for task in TASKS)
     assert set(manifest["key"]) == set(cohort["key"])  # every phantom image is readable

@@ -19,6 +19,7 @@ from cxr_fast.errors import CxrError
 from cxr_fast.io import read_table
 from cxr_fast.schema import (DEMOGRAPHICS, PREDICTION_LATER_COLUMNS, PREDICTION_OPTIONAL_COLUMNS,
                              PREDICTION_REQUIRED_COLUMNS, UNKNOWN)
+from cxr_fast.tasks import TASKS
 
 # Attributes that files written before they existed lack: read as Unknown.
 OPTIONAL_ATTRIBUTES: tuple[str, ...] = PREDICTION_LATER_COLUMNS
@@ -42,6 +43,9 @@ def read_prediction_file(path: Path, *, split: str) -> pd.DataFrame:
     tasks = frame["task"].dropna().unique()
     if len(tasks) != 1:
         raise CxrError(f"{path}: expected one task per prediction file, found {sorted(map(str, tasks))}")
+    if str(tasks[0]) not in TASKS:
+        # Its labels would be read as another task's: refuse rather than report them.
+        raise CxrError(f"{path}: unknown task {str(tasks[0])!r}; known: {', '.join(TASKS)}")
     archs = frame["arch"].dropna().unique()
     if len(archs) != 1:
         raise CxrError(f"{path}: expected one arch per prediction file, found {sorted(map(str, archs))}")

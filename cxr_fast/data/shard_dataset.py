@@ -6,7 +6,9 @@
 
 Outputs and their schemas: DATA_SPEC.md and the docstring of cxr_fast/data/shards.py.
 Rerunning the same command after a crash finishes the missing shards; a rerun after the
-cohort changed rewrites the shards whose contents changed. One run at a time per --out.
+cohort changed rewrites the shards whose contents changed; a rerun also rewrites shards that
+were deleted, truncated or damaged, and retries source images that could not be read and have
+changed since. One run at a time per --out. `python -m cxr_fast.data.verify OUT` checks them.
 """
 
 from __future__ import annotations
@@ -131,7 +133,8 @@ def write_outputs(args: argparse.Namespace, source: str, frame: pd.DataFrame, ex
     exclusions = pd.concat([exclusions, shards.unreadable_from_parts(parts)], ignore_index=True)
     write_parquet(out / MANIFEST_FILE, manifest)
     write_csv(out / "exclusions.csv", exclusions)
-    checksums = {part["shard"]: {"sha256": part["sha256"], "images": len(part["members"])} for part in parts if part["shard"]}
+    checksums = {part["shard"]: {"sha256": part["sha256"], "bytes": part["bytes"], "images": len(part["members"])}
+                 for part in parts if part["shard"]}
     write_json(out / "meta.json", meta | {"counts": counts(manifest, exclusions), "shards": checksums})
     print(f"shards: {len(manifest)} images in {len(checksums)} shards, {len(exclusions)} excluded -> {out}")
     return 0

@@ -7,8 +7,10 @@ Layout of `OUT/`:
   cohort.parquet, exclusions.csv, meta.json
   .parts/plan.json       the settings every shard here was written with (size, quality, shard_size)
   .parts/{split}-{NNNNNN}.json
-                         one small JSON per finished shard (its manifest rows and the digest
-                         of what it holds); the marker that makes a rerun skip that shard
+                         one small JSON per finished shard (its manifest rows with each JPEG's
+                         crc32, the tar's sha256 and size, the digest of what it holds, the
+                         unreadable images with their source file's size and mtime); the
+                         marker that makes a rerun skip that shard
 
 Which image goes into which shard is fixed by the cohort alone (sorted by key within a
 split, cut every `shard_size` images), so an interrupted run and a clean run agree. Tar
@@ -16,8 +18,11 @@ headers carry no time or owner, JPEG encoding is deterministic, so reruns are by
 
 A rerun with other image settings or shard size is refused. Otherwise a shard is rewritten
 when its digest (keys, every `{key}.json` payload, image settings) differs from its marker's,
-so a changed label or demographic reaches the tar; shards the cohort no longer has are
-removed. The source image behind a key is assumed unchanged: images are not hashed.
+so a changed label or demographic reaches the tar; when its tar is missing or its size or
+sha256 is not the recorded one (deleted, truncated, damaged); and when a source image it
+could not read has changed size or mtime since (a repaired file is picked up, and the result
+equals a clean run's). Shards the cohort no longer has are removed. A readable source image
+is assumed unchanged: images are not hashed.
 """
 
 from __future__ import annotations
@@ -38,9 +43,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cxr_fast.data.integrity import file_sha256, member_checksum
 from cxr_fast.errors import CxrError
 from cxr_fast.io import atomic_path, write_bytes, write_json
-from cxr_fast.schema import PLACEMENT_COLUMNS, SPLITS
+from cxr_fast.schema import CHECKSUM_COLUMN, PLACEMENT_COLUMNS, SPLITS
 from cxr_fast.tasks import TASKS
 
 PARTS_DIR = ".parts"
@@ -72,6 +78,7 @@ class EncodedImage:
     height: int = 0
     width: int = 0
     problem: str = ""
+    source: list[int] | None = None  # unreadable only: the source file's [size, mtime_ns]
 
 
 class UnreadableImage(Exception):
@@ -90,6 +97,16 @@ def resolve_image_path(path: str) -> Path:
     if dicom.is_file():
         return dicom
     raise UnreadableImage(f"file not found: {path}")
+
+
+def source_signature(path: str) -> list[int] | None:
+    """[size, mtime_ns] of the image file behind a cohort path; None when there is none. A
+    rerun retries an unreadable image whose signature changed (the file was repaired)."""
+    try:
+        status = resolve_image_path(path).stat()
+    except (UnreadableImage, OSError):
+        return None
+    return [status.st_size, status.st_mtime_ns]
 
 
 def load_grayscale(path: Path, draft_size: int | None = None) -> Image.Image:
@@ -150,7 +167,7 @@ def encode_image(key: str, path: str, settings: ImageSettings) -> EncodedImage:
     try:
         image = resize_short_side(load_grayscale(resolve_image_path(path), settings.size), settings.size)
     except UnreadableImage as problem:
-        return EncodedImage(key=key, jpeg=None, problem=str(problem))
+        return EncodedImage(key=key, jpeg=None, problem=str(problem), source=source_signature(path))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=settings.quality, optimize=False)
     return EncodedImage(key=key, jpeg=buffer.getvalue(), height=image.height, width=image.width)
@@ -203,9 +220,43 @@ def shard_digest(payloads: list[bytes], settings: ImageSettings) -> str:
     return digest.hexdigest()
 
 
-def _marker_digest(out: Path, spec: ShardSpec) -> str | None:
+def _read_marker(out: Path, spec: ShardSpec) -> dict | None:
     marker = out / PARTS_DIR / f"{spec.name}.json"
-    return json.loads(marker.read_text()).get("digest") if marker.is_file() else None
+    try:
+        part = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None  # none yet, or not ours: the shard is written again
+    return part if isinstance(part, dict) else None
+
+
+def _needs_writing(out: Path, spec: ShardSpec, digest: str, rows: pd.DataFrame) -> bool:
+    """Whether a rerun must (re)write this shard: no marker, other contents, a tar that is not
+    the one recorded, or an unreadable source image that changed since."""
+    part = _read_marker(out, spec)
+    if part is None or part.get("digest") != digest:
+        return True
+    if part.get("shard") is not None and not _tar_matches(out / part["shard"], part):
+        return True
+    return any(item.get("source", "unrecorded") != source_signature(rows.at[item["key"], "path"])
+               for item in part.get("unreadable", []))
+
+
+def _tar_matches(path: Path, part: dict) -> bool:
+    if not path.is_file() or ("bytes" in part and path.stat().st_size != part["bytes"]):
+        return False
+    return file_sha256(path) == part.get("sha256")
+
+
+def _add_member_checksums(out: Path, part: dict, spec: ShardSpec) -> dict:
+    """A marker written before members had a crc32 gets them from its (verified) tar."""
+    if part["shard"] is None or all(CHECKSUM_COLUMN in member for member in part["members"]):
+        return part
+    with open(out / part["shard"], "rb") as tar:
+        for member in part["members"]:
+            member[CHECKSUM_COLUMN] = member_checksum(os.pread(tar.fileno(), member["nbytes"], member["offset"]))
+    part["bytes"] = (out / part["shard"]).stat().st_size
+    write_json(out / PARTS_DIR / f"{spec.name}.json", part)
+    return part
 
 
 def _is_shard_name(stem: str) -> bool:
@@ -266,10 +317,13 @@ def write_shard(out: Path, spec: ShardSpec, encoded: list[EncodedImage], payload
     unreadable: list[dict] = []
     index_lines: list[str] = []
     tar_path = out / f"{spec.name}.tar"
-    with atomic_path(tar_path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    needed = sum(_padded(len(image.jpeg)) + _padded(len(payload)) + 2 * tarfile.BLOCKSIZE
+                 for image, payload in zip(encoded, payloads) if image.jpeg is not None)
+    with atomic_path(tar_path, needed_bytes=needed) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for image, payload_json in zip(encoded, payloads, strict=True):
             if image.jpeg is None:
-                unreadable.append({"key": image.key, "reason": "unreadable", "detail": image.problem})
+                unreadable.append({"key": image.key, "reason": "unreadable", "detail": image.problem,
+                                   "source": image.source})
                 continue
             entries = []
             for extension, payload in (("jpg", image.jpeg), ("json", payload_json)):
@@ -279,6 +333,7 @@ def write_shard(out: Path, spec: ShardSpec, encoded: list[EncodedImage], payload
                 entries.append(f"{extension} {offset} {len(payload)} {name}")
                 if extension == "jpg":
                     members.append({"key": image.key, "offset": offset, "nbytes": len(payload),
+                                    CHECKSUM_COLUMN: member_checksum(payload),
                                     "height": image.height, "width": image.width})
             index_lines.append(" ".join(entries))
     if not members:
@@ -289,20 +344,13 @@ def write_shard(out: Path, spec: ShardSpec, encoded: list[EncodedImage], payload
     part = {
         "shard": f"{spec.name}.tar" if members else None,
         "sha256": file_sha256(tar_path) if members else None,
+        "bytes": tar_path.stat().st_size if members else None,
         "members": members,
         "unreadable": unreadable,
         "digest": digest,
     }
     write_json(out / PARTS_DIR / f"{spec.name}.json", part)
     return part
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- the whole run
@@ -334,7 +382,7 @@ def write_shards(
     _remove_unplanned_shards(out, specs)
     rows = cohort.set_index("key", drop=False)
     digests = {spec.name: shard_digest(sample_payloads(rows, spec.keys), settings) for spec in specs}
-    todo = [spec for spec in specs if _marker_digest(out, spec) != digests[spec.name]]
+    todo = [spec for spec in specs if _needs_writing(out, spec, digests[spec.name], rows)]
     workers = workers or os.cpu_count() or 1
     bar = tqdm(total=sum(len(s.keys) for s in todo), unit="img", desc="sharding", disable=not progress)
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 and todo else None
@@ -349,14 +397,14 @@ def write_shards(
         bar.close()
         if pool is not None:
             pool.terminate()
-    return [json.loads((out / PARTS_DIR / f"{spec.name}.json").read_text()) for spec in specs]
+    return [_add_member_checksums(out, _read_marker(out, spec), spec) for spec in specs]
 
 
 def manifest_from_parts(cohort: pd.DataFrame, parts: list[dict]) -> pd.DataFrame:
     records = [dict(member, shard=part["shard"]) for part in parts for member in part["members"]]
     placed = pd.DataFrame.from_records(
         records, columns=list(PLACEMENT_COLUMNS)
-    ).astype({"offset": "int64", "nbytes": "int64", "height": "int32", "width": "int32"})
+    ).astype({"offset": "int64", "nbytes": "int64", CHECKSUM_COLUMN: "int64", "height": "int32", "width": "int32"})
     manifest = cohort.merge(placed, on="key", how="inner", validate="one_to_one")
     return manifest.sort_values(["shard", "offset"], kind="stable").reset_index(drop=True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -75,6 +76,18 @@ def choose_loader(requested: str, *, n_images: int, settings: AugmentSettings, b
     return "dali"
 
 
+def check_streamed_shards(rows: pd.DataFrame, shards_dir: Path, *, announce: bool) -> None:
+    """The streaming loader's integrity check: each shard it reads must be the recorded file
+    (size and sha256, one pass at start-up). It decodes members every epoch, so it leaves their
+    checksums to `python -m cxr_fast.data.verify`, and says so."""
+    from cxr_fast.data.integrity import check_shard_digests
+
+    check_shard_digests(Path(shards_dir), rows["shard"].astype(str).unique())
+    if announce:
+        print(f"dali: shard digests checked; image checksums are checked by python -m cxr_fast.data.verify {shards_dir}",
+              file=sys.stderr)
+
+
 def make_loader(kind: str, rows: pd.DataFrame, shards_dir: Path, settings: AugmentSettings, *,
                 device: torch.device, batch_size: int, seed: int = 0, rank: int = 0, threads: int = 0):
     if kind == "resident":
@@ -85,6 +98,7 @@ def make_loader(kind: str, rows: pd.DataFrame, shards_dir: Path, settings: Augme
     if kind == "dali":
         if not dali_available():
             raise CxrError(DALI_INSTALL_HINT)
+        check_streamed_shards(rows, shards_dir, announce=rank == 0)
         from cxr_fast.loading.dali import DaliLoader
 
         return DaliLoader(rows, shards_dir, settings, device=device, batch_size=batch_size, seed=seed, rank=rank,

@@ -1,4 +1,9 @@
-"""JPEG bytes straight out of the shards, by the manifest's byte offsets (no tar parsing)."""
+"""JPEG bytes straight out of the shards, by the manifest's byte offsets (no tar parsing).
+
+`read_payloads`, the reader of every path that decodes each image once (the resident loader,
+hence train and predict), checks each image's bytes against the manifest's crc32
+(cxr_fast/data/integrity.py): a damaged shard stops the run with one line naming shard and key.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxr_fast.data.integrity import member_checksum, member_mismatch
 from cxr_fast.errors import CxrError
 from cxr_fast.io import read_table
-from cxr_fast.schema import MANIFEST_COLUMNS, MANIFEST_FILE
+from cxr_fast.schema import CHECKSUM_COLUMN, MANIFEST_COLUMNS, MANIFEST_FILE
 
 
 def stored_size(folder: Path) -> int | None:
@@ -54,14 +60,20 @@ def read_manifest(shards_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 class ShardReader:
-    """JPEG bytes by manifest row, read with os.pread from shard files opened once."""
+    """JPEG bytes by manifest row, read with os.pread from shard files opened once.
 
-    def __init__(self, rows: pd.DataFrame, shards_dir: str | os.PathLike):
+    With `verify`, each read is checked against the rows' crc32 (when the manifest has one):
+    a mismatch is a CxrError naming the shard and the key."""
+
+    def __init__(self, rows: pd.DataFrame, shards_dir: str | os.PathLike, *, verify: bool = False):
         self.shards_dir = Path(shards_dir)
         shard_names = rows["shard"].astype(str).to_numpy()
         names, self.shard_index = np.unique(shard_names, return_inverse=True)
         self.offsets = rows["offset"].to_numpy(dtype=np.int64)
         self.nbytes = rows["nbytes"].to_numpy(dtype=np.int64)
+        self.keys = rows["key"].astype(str).to_numpy() if "key" in rows else None
+        checked = verify and CHECKSUM_COLUMN in rows and self.keys is not None
+        self.checksums = rows[CHECKSUM_COLUMN].to_numpy(dtype=np.int64) if checked else None
         self.handles: list[int] = []
         for name in names:
             path = self.shards_dir / name
@@ -83,6 +95,8 @@ class ShardReader:
             data = os.pread(handle, size, offset)
             if len(data) != size:
                 raise CxrError(f"{self.paths[self.shard_index[i]]}: truncated shard (offset {offset} beyond its end)")
+            if self.checksums is not None and member_checksum(data) != self.checksums[i]:
+                raise CxrError(member_mismatch(self.paths[self.shard_index[i]], self.keys[i]))
             out.append(np.frombuffer(data, dtype=np.uint8))
         return out
 
@@ -93,8 +107,9 @@ class ShardReader:
 
 
 def read_payloads(rows: pd.DataFrame, shards_dir: str | os.PathLike) -> list[np.ndarray]:
-    """The JPEG bytes of every row, in row order (uint8 arrays)."""
-    reader = ShardReader(rows, shards_dir)
+    """The JPEG bytes of every row, in row order (uint8 arrays), each checked against the
+    manifest's crc32: the bytes every decode-once path (resident loader, predict) decodes."""
+    reader = ShardReader(rows, shards_dir, verify=True)
     try:
         return reader.read(range(len(reader)))
     finally:

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from cxr_fast.errors import CxrError, one_line
 from cxr_fast.loading.augment import (
     AugmentSettings,
     batch_generator,
@@ -33,6 +34,33 @@ DECODE_CHUNK = 256
 # decoder itself is unchanged, and the warning would flood every training log.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
+
+
+def decode_rows(rows: pd.DataFrame, shards_dir: Path, load_size: int, device: torch.device,
+                threads: int = 0) -> torch.Tensor:
+    """The images of manifest `rows` as uint8 [N, 1, L, L] on `device`: the one path from shard
+    bytes to pixels. The bytes are checked against the manifest's crc32 (read_payloads); an
+    image that still does not decode (a manifest without checksums) is one line naming shard and key."""
+    jpegs = read_payloads(rows, shards_dir)
+    try:
+        return decode_to_square(jpegs, load_size, device, threads)
+    except RuntimeError as error:
+        bad = _first_undecodable(jpegs)
+        if bad is None:
+            raise  # not the data's fault (out of memory, a driver error): keep the traceback
+        index, problem = bad
+        row = rows.iloc[index]
+        raise CxrError(f"{Path(shards_dir) / str(row['shard'])}: {row['key']}: cannot decode its JPEG ({problem})") from error
+
+
+def _first_undecodable(jpegs: list) -> tuple[int, str] | None:
+    """Index and error of the first JPEG the CPU decoder refuses (searched only after a failure)."""
+    for index, data in enumerate(jpegs):
+        try:
+            _decode([torch.frombuffer(bytearray(data), dtype=torch.uint8)], torch.device("cpu"))
+        except RuntimeError as error:
+            return index, one_line(error, 120)
+    return None
 
 
 def decode_to_square(jpegs: list[bytes], load_size: int, device: torch.device, threads: int = 0) -> torch.Tensor:
@@ -104,7 +132,7 @@ class ResidentLoader:
         self.seed = seed
         self.rank = rank  # augmentation draws differ per process
         self.mode = mode or default_mode(self.device)
-        self.images = decode_to_square(read_payloads(rows, shards_dir), settings.load_size, self.device, threads)
+        self.images = decode_rows(rows, shards_dir, settings.load_size, self.device, threads)
 
     def __len__(self) -> int:
         return self.images.shape[0]

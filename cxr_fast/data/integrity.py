@@ -1,0 +1,81 @@
+"""What the shards' records promise about their bytes, and the checks of those promises.
+
+Two records, both written while sharding (DATA_SPEC.md):
+- per shard, in `meta.json` `shards`: the file's sha256 and size. Checked by a rerun of the
+  sharding tool (which rewrites a shard that fails), by the streaming (DALI) loader at
+  start-up, and by `python -m cxr_fast.data.verify`.
+- per image, in the manifest's `crc32` column: the CRC-32 of its JPEG bytes. Checked wherever
+  the bytes are decoded once anyway (the resident loader, hence predict; `verify`), so a
+  flipped byte stops the run with one line instead of training on a damaged image.
+Two same-size shards swapped fail both: each record is tied to its shard's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from pathlib import Path
+from typing import Iterable
+
+from cxr_fast.errors import CxrError
+
+META_FILE = "meta.json"
+
+
+def member_checksum(data) -> int:
+    """CRC-32 of one member's bytes (bytes or a uint8 array), as recorded in the manifest."""
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def member_mismatch(shard_path: Path, key: str) -> str:
+    """The one line for an image whose bytes are not those recorded."""
+    return f"{shard_path}: {key}: bytes differ from the manifest's checksum (a damaged or replaced shard)"
+
+
+def shard_records(folder: Path) -> dict[str, dict]:
+    """`meta.json` `shards` of a finished shard folder: name -> {sha256, bytes, images};
+    empty when there is none (a folder sharded before the records existed)."""
+    try:
+        records = json.loads((Path(folder) / META_FILE).read_text()).get("shards", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
+def shard_problem(path: Path, record: dict | None) -> str | None:
+    """What is wrong with the shard at `path` against its record (None: nothing)."""
+    if not record or "sha256" not in record:
+        return f"{path}: no recorded digest in {META_FILE}"
+    if not path.is_file():
+        return f"{path}: missing"
+    size = path.stat().st_size
+    if record.get("bytes") is not None and size != record["bytes"]:
+        return f"{path}: {size} bytes, {record['bytes']} recorded (truncated or replaced)"
+    if file_sha256(path) != record["sha256"]:
+        return f"{path}: sha256 differs from {META_FILE} (damaged or replaced)"
+    return None
+
+
+def shard_problems(folder: Path, names: Iterable[str]) -> list[str]:
+    folder = Path(folder)
+    records = shard_records(folder)
+    problems = (shard_problem(folder / name, records.get(name)) for name in sorted(set(names)))
+    return [problem for problem in problems if problem]
+
+
+def check_shard_digests(folder: Path, names: Iterable[str]) -> None:
+    """Stop with one line when a shard of `names` is missing, truncated or not the one
+    recorded (the streaming loader's start-up check: it never decodes a member twice)."""
+    problems = shard_problems(folder, names)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CxrError(f"{problems[0]}{more}; python -m cxr_fast.data.verify {folder} lists every problem")
