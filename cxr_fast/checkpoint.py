@@ -56,7 +56,13 @@ def save_checkpoint(checkpoint: dict, path: Path) -> None:
     # torch.save to a path reports a full disk as `basic_ios::clear: iostream error`; to a
     # Python file it raises the OSError itself, which atomic_path turns into one line.
     with atomic_path(path, needed_bytes=lambda: tensor_bytes(checkpoint)) as tmp, open(tmp, "wb") as handle:
-        torch.save(checkpoint, handle)
+        try:
+            torch.save(checkpoint, handle)
+        except RuntimeError as error:
+            # torch's zip writer hides the write's OSError behind `unexpected pos` on the way out.
+            if isinstance(error.__context__, OSError):
+                raise error.__context__ from error
+            raise
 
 
 def tensor_bytes(value) -> int:
