@@ -157,7 +157,9 @@ def test_a_failure_midway_leaves_the_old_report_whole(report, tmp_path, monkeypa
         raise OSError("disk full")
 
     monkeypatch.setattr(report_module, "write_json", fail)  # after the CSVs, before index.html
-    with pytest.raises(OSError):
+    from cxr_fast.errors import CxrError
+
+    with pytest.raises(CxrError, match=f"^{out}: disk full$"):  # an OS error is one line naming the report
         report_module.write_report(analysis=analysis, out=out)
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
     assert [path.name for path in out.parent.iterdir()] == [out.name]  # no temporary left beside it
@@ -173,3 +175,13 @@ def test_the_report_does_not_replace_a_folder_that_is_not_a_report(report, tmp_p
     with pytest.raises(CxrError, match="not a previous report"):
         write_report(analysis=analysis, out=tmp_path)
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_prediction_files_of_an_unknown_task_are_refused(tmp_path, capsys):
+    frame = simulate_predictions(tasks=("edema",), archs=("resnet50",), n_images=50)
+    unknown = frame.assign(task="appendicitis", recipe="appendicitis_resnet50")
+    pred_dir = write_frames(tmp_path / "all_pred", {"edema_resnet50": frame, "appendicitis_resnet50": unknown})
+    message = run_expecting_error(cli_args(pred_dir, tmp_path / "out"), capsys)
+    assert message == (f"error: {pred_dir / 'appendicitis_resnet50.parquet'}: unknown task 'appendicitis'; "
+                       "known: cardiomegaly, effusion, edema, fracture, pneumonia, no_finding")
+    assert not (tmp_path / "out").exists()

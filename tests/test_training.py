@@ -179,3 +179,15 @@ def test_the_original_cli_form_and_list(capsys):
     assert json.loads(capsys.readouterr().out)["recipe"] == "effusion_convnext_large"
     with pytest.raises(CxrError, match="no recipe given"):
         main([])
+
+
+@pytest.mark.slow
+def test_two_identical_runs_write_byte_identical_best_weights(phantom_shards, tmp_path):
+    # Separate processes: the order safetensors kept the metadata in changed from one process to the next.
+    for name in ("first", "second"):
+        done = subprocess.run([sys.executable, "-m", "cxr_fast.train", "--recipe", RECIPE, "--no-progress",
+                               *small(phantom_shards, tmp_path / name, epochs=1, deterministic="true", decode_threads=1)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+    first, second = (tmp_path / name / "weights" / RECIPE / "best.safetensors" for name in ("first", "second"))
+    assert first.read_bytes() == second.read_bytes()
