@@ -72,14 +72,19 @@ def os_error_code(error: BaseException) -> int | None:
     return int(found.group(1) or found.group(2)) if found else None
 
 
-def os_error_line(path: str | os.PathLike, error: BaseException, *, needed_bytes: int | None = None) -> str:
-    """`PATH: no space left on device (needed about N MB)`, `PATH: read-only file system`, ...:
-    the one line every command prints for an OS error on `path`."""
+def os_problem(error: BaseException, *, needed_bytes: int | None = None) -> str:
+    """`no space left on device (needed about N MB)`, `read-only file system`, ...: an OS error in words."""
     code = os_error_code(error)
     problem = _OS_PROBLEMS.get(code) or (getattr(error, "strerror", None) or one_line(error)).lower()
     if code in _FULL and needed_bytes:
         problem += f" (needed about {max(1, math.ceil(needed_bytes / 2**20))} MB)"
-    return f"{os.fspath(path)}: {problem}"
+    return problem
+
+
+def os_error_line(path: str | os.PathLike, error: BaseException, *, needed_bytes: int | None = None) -> str:
+    """`PATH: no space left on device (needed about N MB)`, `PATH: read-only file system`, ...:
+    the one line every command prints for an OS error on `path`."""
+    return f"{os.fspath(path)}: {os_problem(error, needed_bytes=needed_bytes)}"
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from cxr_fast.errors import CxrError, one_line
+from cxr_fast.errors import CxrError, one_line, os_problem
 
 LOCK_NAME = ".lock"
 
@@ -110,7 +110,7 @@ def _open_lock_file(path: Path):
         # "a+" creates without truncating: the holder's record must survive a failed attempt.
         return open(path, "a+")
     except OSError as error:
-        raise CxrError(f"{path.parent}: cannot write here ({one_line(error)})") from error
+        raise CxrError(f"{path.parent}: cannot write here ({os_problem(error)})") from error
 
 
 def _try_flock(handle, path: Path, *, shared: bool = False, attempts: int = 1) -> bool:

@@ -181,3 +181,11 @@ def test_a_report_onto_a_full_disk_is_the_no_space_line(pred_dir, tmp_path, caps
         assert message.startswith(f"{out}") and "no space left on device" in message, message
         assert TEMPORARY_MARK not in message
         assert [path.name for path in disk.iterdir()] == ["filler"]
+
+
+def test_sharding_into_a_read_only_folder_is_one_line(phantom_root, tmp_path):
+    with read_only(tmp_path / "ro"):
+        out = tmp_path / "ro" / "shards"
+        with pytest.raises(CxrError) as caught:
+            shard_dataset.main(shard_arguments(phantom_root, out))
+        assert one_line(caught) == f"{out}: cannot write here (read-only file system)"
