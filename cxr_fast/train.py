@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from cxr_fast.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
-from cxr_fast.engine import (SplitData, compile_model, configure_backends, labelled_batches, load_task_data,
-                             loader_budget_bytes, make_accelerator, peak_lr, predict_probs, prepare_model, train_step)
+from cxr_fast.engine import (SplitData, compile_model, configure_backends, eval_batch_size, labelled_batches,
+                             load_task_data, loader_budget_bytes, make_accelerator, peak_lr, predict_probs,
+                             prepare_model, train_step)
 from cxr_fast.errors import CxrError, one_line, run_cli
 from cxr_fast.io import atomic_path, remove_stale_temporaries, write_json
 from cxr_fast.locks import exclusive_lock
@@ -35,7 +36,7 @@ from cxr_fast.loading import choose_loader, make_loader, with_shards_resolved
 from cxr_fast.loading.augment import AugmentSettings
 from cxr_fast.loading.sampler import balanced_epoch, rank_share
 from cxr_fast.recipes import Config, all_recipes, load_config, recipe_from_legacy
-from cxr_fast.same_run import changed_settings, refuse_changed_settings
+from cxr_fast.same_run import refuse_changed_settings
 from cxr_fast.schema import RESUME_FILE, STATUS_FILE, finished_status, read_status
 from cxr_fast.validation import validation_metrics
 
@@ -193,18 +194,38 @@ def recipe_lock(config: Config, accelerator):
 
 
 def start_same_run(config: Config, accelerator) -> None:
-    """Refuse to continue a saved run under other settings, or with restart=true discard it."""
-    saved, source = saved_settings(config)
-    if saved is None:
-        return
-    if config.restart:
-        if changed_settings(saved, config) and accelerator.is_main_process:
+    """Refuse to continue a saved run under other settings, or with restart=true discard it.
+
+    The main process reads the saved run and decides for all: a rank reading on its own could
+    find the files already discarded by the main process, skip the barrier below and enter DDP
+    set-up while the main process waits there (a hang until the collective's timeout)."""
+    action, message = main_process_decides_object(
+        same_run_decision(config) if accelerator.is_main_process else None, accelerator)
+    if action == "refuse":
+        raise CxrError(message)
+    if action == "discard":
+        if accelerator.is_main_process:
             accelerator.print(f"{config.recipe}: restart=true: discarding the saved run with other settings")
             for name in RUN_FILES:
                 (config.weights_path / name).unlink(missing_ok=True)
         accelerator.wait_for_everyone()
-        return
-    refuse_changed_settings(saved, config, source)
+
+
+def same_run_decision(config: Config) -> tuple[str, str | None]:
+    """("continue", None): no saved run, or one with these settings; ("discard", None): other
+    settings and restart=true; ("refuse", the one-line reason): other settings, or a saved run
+    that cannot be read."""
+    try:
+        saved, source = saved_settings(config)
+    except CxrError as error:  # an unreadable saved run: every rank stops with the reason
+        return "refuse", str(error)
+    if saved is None:
+        return "continue", None
+    try:
+        refuse_changed_settings(saved, config, source)
+    except CxrError as error:
+        return ("discard", None) if config.restart else ("refuse", str(error))
+    return "continue", None
 
 
 RUN_FILES = (STATUS_FILE, RESUME_FILE, "best.json", "best.safetensors")  # what a saved run consists of
@@ -226,6 +247,7 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
     from tqdm import tqdm
 
     device = accelerator.device
+    accelerator.print(world_line(config, accelerator))
     start_same_run(config, accelerator)
     done = finished_run(config)
     if done is not None:
@@ -247,8 +269,8 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
     kind = choose_loader(config.loader, n_images=len(train_data.rows) + len(val_data.rows), settings=settings,
                          budget_bytes=lambda: loader_budget_bytes(model, config, accelerator, settings.image_size))
     loaders = {name: make_loader(kind, data.rows, shards_dir, settings, device=device,
-                                 batch_size=batch_size, seed=config.seed, rank=accelerator.process_index,
-                                 threads=config.decode_threads)
+                                 batch_size=batch_size if name == "train" else eval_batch_size(config),
+                                 seed=config.seed, rank=accelerator.process_index, threads=config.decode_threads)
                for name, data in (("train", train_data), ("val", val_data))}
 
     state = Progress()
@@ -309,12 +331,13 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
             n_batches = max(1, len(indices) // batch_size)
             check_finite(bad, accelerator, config, epoch, n_batches - 1)
             train_seconds = time.perf_counter() - started
-            val = evaluate(forward, model, loaders["val"], val_data, accelerator)
-            record = {"epoch": epoch + 1, "step": state.step, "train_loss": loss_sum.item() / n_batches,
+            val = (evaluate(forward, model, loaders["val"], val_data, accelerator)
+                   if validated_epoch(epoch + 1, config) else None)
+            record = {"epoch": epoch + 1, "step": state.step, "train_loss": mean_over_ranks(loss_sum, accelerator) / n_batches,
                       "images_per_second": seen * accelerator.num_processes / max(train_seconds, 1e-9),
                       "data_wait_share": waited / max(train_seconds, 1e-9), "lr": optimizer.param_groups[0]["lr"],
                       "epoch_seconds": time.perf_counter() - started,  # training + validation: the status view's ETA
-                      **{f"val_{key}": value for key, value in val.items()}}
+                      **{f"val_{key}": value for key, value in (val or {}).items()}}
             # The log line first, then the checkpoint: a kill between the two leaves a line that
             # the resume cuts away and rewrites, never a checkpointed epoch without its line.
             log.log(record)
@@ -333,6 +356,19 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
     finally:
         log.close()
     return summary(config, state, kind)
+
+
+def world_line(config: Config, accelerator) -> str:
+    """The run's first line: how many processes train it, and on what (`2 processes on cpu`)."""
+    count = accelerator.num_processes
+    return f"{config.recipe}: {count} process{'es' if count > 1 else ''} on {accelerator.device.type}"
+
+
+def mean_over_ranks(value: torch.Tensor, accelerator) -> float:
+    """`value` averaged over the processes (each rank trains on its own share of the epoch)."""
+    if accelerator.num_processes > 1:
+        value = accelerator.reduce(value.detach().clone(), reduction="mean")
+    return value.item()
 
 
 def steps_in_epoch(data: SplitData, config: Config, batch_size: int, world_size: int) -> int:
@@ -370,10 +406,18 @@ def evaluate(forward, model, loader, data: SplitData, accelerator) -> dict:
     return validation_metrics(data.labels, probs)
 
 
-def end_of_epoch(state: Progress, record: dict, val: dict, model, accelerator, config: Config) -> Progress:
-    """The loop's progress after an epoch; a better val balanced accuracy writes best.safetensors."""
+def validated_epoch(epoch: int, config: Config) -> bool:
+    """Whether epoch `epoch` (1-based) ends with a validation: every `val_every`-th and the last."""
+    return epoch % config.val_every == 0 or epoch == config.epochs
+
+
+def end_of_epoch(state: Progress, record: dict, val: dict | None, model, accelerator, config: Config) -> Progress:
+    """The loop's progress after an epoch; a better val balanced accuracy writes best.safetensors.
+    An epoch without validation (val_every > 1) changes neither the best epoch nor the patience."""
     state.epoch = record["epoch"]
     state.history.append(record)
+    if val is None:
+        return state
     score = val["balanced_accuracy"] if val["balanced_accuracy"] is not None else -1.0
     if score > state.best_score:
         state.best_score, state.best_epoch, state.epochs_since_best = score, state.epoch, 0
@@ -450,6 +494,15 @@ class CheckpointClock:
         return f"last.pt from epoch {self.saved_epoch}, {(time.perf_counter() - self.saved_at) / 60:.1f} min ago"
 
 
+def main_process_decides_object(value, accelerator):
+    """The main process's `value` (any picklable object) on every process."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
 def main_process_decides(flag: bool, accelerator) -> bool:
     """The main process's `flag` on every process: a decision that leads into a collective
     (a barrier, an all-reduce) must be the same everywhere, and timings or the last bits of a
@@ -478,9 +531,12 @@ def resume(path: Path, accelerator, model, optimizer, config: Config) -> Progres
 
 
 def epoch_line(config: Config, record: dict, clock: CheckpointClock) -> str:
-    auroc = record["val_auroc"]
-    return (f"{config.recipe} epoch {record['epoch']}/{config.epochs}: loss {record['train_loss']:.4f}  "
-            f"val AUROC {auroc if auroc is None else f'{auroc:.3f}'}  bal.acc {record['val_balanced_accuracy']:.3f}  "
+    if "val_balanced_accuracy" in record:
+        auroc = record["val_auroc"]
+        val = f"val AUROC {auroc if auroc is None else f'{auroc:.3f}'}  bal.acc {record['val_balanced_accuracy']:.3f}"
+    else:
+        val = f"not validated (val_every={config.val_every})"
+    return (f"{config.recipe} epoch {record['epoch']}/{config.epochs}: loss {record['train_loss']:.4f}  {val}  "
             f"{record['images_per_second']:.0f} img/s  data wait {record['data_wait_share']:.0%}  {clock.describe()}")
 
 

@@ -179,3 +179,34 @@ def test_the_original_cli_form_and_list(capsys):
     assert json.loads(capsys.readouterr().out)["recipe"] == "effusion_convnext_large"
     with pytest.raises(CxrError, match="no recipe given"):
         main([])
+
+
+def test_val_every_validates_every_nth_and_the_final_epoch(phantom_shards, tmp_path, monkeypatch):
+    import cxr_fast.train as training
+    from cxr_fast.engine import EVAL_BATCH_FACTOR
+
+    batch_sizes = []
+    real_make_loader = training.make_loader
+
+    def recording(*args, **kwargs):
+        batch_sizes.append(kwargs["batch_size"])
+        return real_make_loader(*args, **kwargs)
+
+    monkeypatch.setattr(training, "make_loader", recording)
+    config = load_config(RECIPE, small(phantom_shards, tmp_path, epochs=3, val_every=2, max_steps_per_epoch=2))
+    history = train(config, progress_bar=False)["history"]
+    assert [("val_balanced_accuracy" in record) for record in history] == [False, True, True]
+    assert batch_sizes == [16, 16 * EVAL_BATCH_FACTOR]  # train, then val: no gradients, larger batches
+    best = json.loads((tmp_path / "weights" / RECIPE / "best.json").read_text())
+    assert best["epoch"] in (2, 3)
+
+
+def test_the_logged_training_loss_is_the_mean_over_ranks():
+    from types import SimpleNamespace
+
+    from cxr_fast.train import mean_over_ranks
+
+    calls = []
+    ranks = SimpleNamespace(num_processes=2, reduce=lambda value, reduction: calls.append(reduction) or value * 0 + 3.0)
+    assert mean_over_ranks(torch.tensor(1.0), ranks) == 3.0 and calls == ["mean"]
+    assert mean_over_ranks(torch.tensor(1.0), SimpleNamespace(num_processes=1)) == 1.0
