@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +34,7 @@ from cxr_fast.locks import exclusive_lock
 from cxr_fast.loading import choose_loader, make_loader, with_shards_resolved
 from cxr_fast.loading.augment import AugmentSettings
 from cxr_fast.loading.sampler import balanced_epoch, rank_share
+from cxr_fast.metrics_log import MetricsLog
 from cxr_fast.recipes import Config, all_recipes, load_config, recipe_from_legacy
 from cxr_fast.same_run import refuse_changed_settings
 from cxr_fast.schema import RESUME_FILE, STATUS_FILE, finished_status, read_status
@@ -97,73 +97,6 @@ class Progress:
     best_epoch: int = -1
     epochs_since_best: int = 0
     history: list = field(default_factory=list)
-
-
-# ------------------------------------------------------------------ logging
-
-
-class MetricsLog:
-    """`runs/<recipe>/metrics.jsonl` always; W&B too unless logger=none (offline without a login)."""
-
-    def __init__(self, config: Config, *, enabled: bool, resume_epoch: int):
-        self.path = config.run_path / "metrics.jsonl"
-        self.enabled = enabled
-        self.wandb = None
-        if not enabled:
-            return
-        self._truncate_after(resume_epoch)
-        if config.logger == "wandb":
-            self.wandb = _start_wandb(config)
-
-    def _truncate_after(self, epoch: int) -> None:
-        # A run killed mid-epoch may have logged epochs that the resume will redo.
-        if not self.path.is_file():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if _epoch_of(line) <= epoch]
-        with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in kept))
-
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(record, step=record["step"])
-
-    def close(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _epoch_of(line: str) -> float:
-    """The epoch of a metrics.jsonl line; a line cut short by a kill sorts after every epoch."""
-    try:
-        return json.loads(line)["epoch"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
-def _start_wandb(config: Config):
-    try:
-        import wandb
-    except ImportError:
-        print("wandb is not installed: logging to metrics.jsonl only", file=sys.stderr)
-        return None
-    mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
-    if mode == "disabled":
-        return None
-    config.run_path.mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=config.wandb_project, name=config.recipe, id=config.recipe.replace("/", "-"),
-                      resume="allow", dir=str(config.run_path), config=config.to_dict(), mode=mode)
-
-
-def _wandb_logged_in() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path.home() / ".netrc"
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
 # ------------------------------------------------------------------ the run

@@ -96,7 +96,7 @@ def test_changed_settings_are_refused_and_raised_epochs_continue(phantom_shards,
     folder = tmp_path / "weights" / RECIPE
     for name in ("best.safetensors", "last.pt", "best.json", "status.json"):
         assert stat.S_IMODE((folder / name).stat().st_mode) == 0o644, name
-    from cxr_fast.sweep import is_finished
+    from cxr_fast.same_run import is_finished
 
     assert is_finished(load_config(RECIPE, small(phantom_shards, tmp_path, loader="auto")))
     assert not is_finished(load_config(RECIPE, small(phantom_shards, tmp_path, lr=0.01)))

@@ -108,7 +108,7 @@ def test_an_early_stopped_recipe_is_not_trained_again(phantom_shards, tmp_path, 
 
 
 def test_a_log_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
-    from cxr_fast.train import MetricsLog
+    from cxr_fast.metrics_log import MetricsLog
 
     config = load_config(RECIPE, [f"runs_dir={tmp_path}", "logger=none"])
     path = tmp_path / RECIPE / "metrics.jsonl"
