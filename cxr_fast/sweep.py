@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         from cxr_fast.study_plan import format_plan, slurm_time, study_plan
 
-        plans, source = study_plan(list(configs.values()), throughput=args.throughput)
-        print(format_plan(plans, source))
+        plans, source, device = study_plan(list(configs.values()), throughput=args.throughput)
+        print(format_plan(plans, source, device))
         if args.slurm and not args.time:
             args.time = slurm_time(plans)
             print(f"--time {args.time}: the longest recipe + 25%" if args.time
