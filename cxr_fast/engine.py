@@ -199,7 +199,8 @@ def cudnn_benchmark_off():
         torch.backends.cudnn.benchmark = saved
 
 
-def _one_training_pass_peak(model, accelerator, batch_size: int, image_size: int, channels_last: bool) -> tuple[int, int]:
+def _one_training_pass_peak(model, accelerator, batch_size: int, image_size: int,
+                            channels_last: bool) -> tuple[int, int]:
     """(peak allocated bytes, allocated bytes before) of one forward+backward on random images."""
     device = accelerator.device
     torch.cuda.synchronize(device)

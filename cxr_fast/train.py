@@ -266,7 +266,8 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
             train_seconds = time.perf_counter() - started
             val = (evaluate(forward, model, loaders["val"], val_data, accelerator)
                    if validated_epoch(epoch + 1, config) else None)
-            record = {"epoch": epoch + 1, "step": state.step, "train_loss": mean_over_ranks(loss_sum, accelerator) / n_batches,
+            record = {"epoch": epoch + 1, "step": state.step,
+                      "train_loss": mean_over_ranks(loss_sum, accelerator) / n_batches,
                       "images_per_second": seen * accelerator.num_processes / max(train_seconds, 1e-9),
                       "data_wait_share": waited / max(train_seconds, 1e-9), "lr": optimizer.param_groups[0]["lr"],
                       "epoch_seconds": time.perf_counter() - started,  # training + validation: the status view's ETA

@@ -99,7 +99,8 @@ def test_two_processes_resume_refuse_restart_and_stop_early(phantom_shards, fres
 
     resumed = succeeded(torchrun(tiny(phantom_shards, tmp_path, epochs=2)))
     assert "resuming after epoch 1" in resumed
-    assert [json.loads(line)["epoch"] for line in (tmp_path / "runs" / RECIPE / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    logged = (tmp_path / "runs" / RECIPE / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in logged] == [1, 2]
 
     refused = torchrun(tiny(phantom_shards, tmp_path, epochs=2, lr=0.01))
     assert refused.returncode != 0 and "other settings (lr " in refused.stderr and "-> 0.01" in refused.stderr
