@@ -8,6 +8,7 @@ these functions so that what they measure or predict is exactly what training ru
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,9 +106,13 @@ def use_fused_adamw(parameters) -> bool | None:
 
 
 def configure_backends(config: Config, device: torch.device) -> None:
-    """cuDNN autotuning on CUDA (fixed shapes: every batch is full), unless determinism is asked."""
+    """cuDNN autotuning on CUDA (fixed shapes: every batch is full), unless determinism is asked;
+    with precision=fp32, TF32 tensor cores for matmuls and convolutions (10 mantissa bits in the
+    products, fp32 accumulation: what fp32 training on Ampere and later is meant to run)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not config.deterministic
+        if config.precision == "fp32":
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls; cuDNN convolutions use TF32 by default
 
 
 def compile_model(model: torch.nn.Module, config: Config, device: torch.device):
@@ -125,6 +130,17 @@ def compile_model(model: torch.nn.Module, config: Config, device: torch.device):
 
 
 # ------------------------------------------------------------------ memory
+
+# Evaluation batches are this many training batches: without gradients a forward keeps no
+# activations for a backward pass (only the few live layer outputs), so a batch several times
+# the training one needs less memory than one training step, and validation (for rare tasks
+# longer than the epoch's training) takes fewer, fuller launches.
+EVAL_BATCH_FACTOR = 4
+
+
+def eval_batch_size(config: Config) -> int:
+    return config.resolved_batch_size * EVAL_BATCH_FACTOR
+
 
 ACTIVATION_BYTES_PER_INPUT_BYTE = 512  # CPU estimate: ~100 MB per 224 px image for resnet50 in fp32
 
@@ -161,6 +177,32 @@ def measured_activation_bytes(model: torch.nn.Module, accelerator, batch_size: i
     statistics) restored and the RNG streams forked, so the run itself is unchanged."""
     device = accelerator.device
     buffers = [buffer.clone() for buffer in model.buffers()]
+    with cudnn_benchmark_off():  # its trials allocate workspaces that inflate the peak, differently per rank
+        peak, before = _one_training_pass_peak(model, accelerator, batch_size, image_size, channels_last)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for buffer, saved in zip(model.buffers(), buffers):
+            buffer.copy_(saved)
+    del buffers
+    torch.cuda.empty_cache()
+    return max(0, peak - before - parameter_bytes(model))
+
+
+@contextlib.contextmanager
+def cudnn_benchmark_off():
+    """cuDNN autotuning off inside, restored after."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
+def _one_training_pass_peak(model, accelerator, batch_size: int, image_size: int,
+                            channels_last: bool) -> tuple[int, int]:
+    """(peak allocated bytes, allocated bytes before) of one forward+backward on random images."""
+    device = accelerator.device
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -172,14 +214,7 @@ def measured_activation_bytes(model: torch.nn.Module, accelerator, batch_size: i
         with accelerator.autocast():
             loss = model(images).float().mean()
         loss.backward()
-    peak = torch.cuda.max_memory_allocated(device)
-    model.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        for buffer, saved in zip(model.buffers(), buffers):
-            buffer.copy_(saved)
-    del images, loss, buffers
-    torch.cuda.empty_cache()
-    return max(0, peak - before - parameter_bytes(model))
+    return torch.cuda.max_memory_allocated(device), before
 
 
 def model_wants_channels_last(model: torch.nn.Module) -> bool:
@@ -247,13 +282,21 @@ def eval_share(indices: np.ndarray, *, rank: int, world_size: int) -> tuple[np.n
 
 def _probs(forward, model: torch.nn.Module, loader, indices: np.ndarray, accelerator) -> torch.Tensor:
     chunks = []
-    with accelerator.autocast():
-        for images in loader.eval_batches(indices):
-            count = images.shape[0]
-            # A short last batch would make a compiled model compile again: pad, then drop.
-            if count < loader.batch_size:
-                images = torch.cat([images, images[-1:].expand(loader.batch_size - count, *images.shape[1:])])
-            if images.is_floating_point() and model_wants_channels_last(model):
-                images = images.contiguous(memory_format=torch.channels_last)
-            chunks.append(torch.sigmoid(forward(images).float().squeeze(1))[:count])
+    for images in loader.eval_batches(indices):
+        count = images.shape[0]
+        # A short last batch would make a compiled model compile again: pad, then drop.
+        if count < loader.batch_size:
+            images = torch.cat([images, images[-1:].expand(loader.batch_size - count, *images.shape[1:])])
+        if images.is_floating_point() and model_wants_channels_last(model):
+            images = images.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            logits = forward(images)
+        chunks.append(probabilities(logits)[:count])
     return torch.cat(chunks) if chunks else torch.zeros(0, device=accelerator.device)
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 sigmoid of (batch, 1) logits, outside autocast: bf16 has 8 mantissa bits, so bf16
+    probabilities tie by the thousand over a 45k-image validation split and coarsen the
+    threshold search."""
+    return torch.sigmoid(logits.float().squeeze(1))

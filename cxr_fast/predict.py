@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from cxr_fast.checkpoint import load_safetensors
-from cxr_fast.engine import compile_model, loader_budget_bytes, make_accelerator, predict_probs
+from cxr_fast.engine import compile_model, eval_batch_size, loader_budget_bytes, make_accelerator, predict_probs
 from cxr_fast.errors import CxrError, run_cli
 from cxr_fast.io import read_json, write_parquet
 from cxr_fast.loading import choose_loader, make_loader, with_shards_resolved
@@ -73,7 +73,7 @@ def predict(recipe: str, overrides: dict | None = None, *, split: str = "test", 
                          budget_bytes=lambda: loader_budget_bytes(model, trained, accelerator, settings.image_size,
                                                                   training=False))
     loader = make_loader(kind, rows, Path(trained.shards), settings, device=device,
-                         batch_size=trained.resolved_batch_size, seed=trained.seed, threads=trained.decode_threads)
+                         batch_size=eval_batch_size(trained), seed=trained.seed, threads=trained.decode_threads)
     probs = predict_probs(compile_model(model, trained, device), model, loader, np.arange(len(rows)), accelerator)
 
     threshold = float(record["threshold"])

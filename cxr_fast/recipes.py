@@ -125,7 +125,11 @@ class Config(Augmentation):
     clip_grad: float = setting(1.0, at_least=0)
     """Gradient norm clipping; 0: no clipping."""
     early_stopping: int = setting(0, at_least=0)
-    """Patience in epochs without a better validation balanced accuracy; 0: off."""
+    """Patience: validations without a better validation balanced accuracy; 0: off."""
+    val_every: int = setting(1, above=0)
+    """Epochs between validations (1, the study's protocol: every epoch). The final epoch is
+    always validated; a larger value trades the resolution of best-epoch selection (and of
+    early stopping, which counts validations) for time (`sweep --plan` shows the effect)."""
     max_steps_per_epoch: int = setting(0, at_least=0)
     """Cap on steps per epoch (benchmarks and smoke tests); 0: the whole balanced epoch."""
     # ------------------------------------------------------------------ numerics and speed

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cxr_fast.errors import CxrError
 from cxr_fast.recipes import Config
+from cxr_fast.schema import finished_status
 
 SAME_RUN_NEUTRAL = frozenset({
     "epochs", "early_stopping",                                   # when to stop
@@ -37,3 +38,12 @@ def refuse_changed_settings(saved: dict, config: Config, source: Path) -> None:
         listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
         raise CxrError(f"{source}: the saved run of {config.recipe} has other settings ({listed}); "
                        f"to start fresh give another weights_dir= or restart=true (discards the saved run)")
+
+
+def is_finished(config: Config) -> bool:
+    """Whether training `config` would have nothing to do: the check `cxr_fast.train` makes
+    (raising `epochs=` reopens a finished recipe). A saved run with other settings is not
+    finished for these: train refuses it, saying why. (`sweep` and `study_status` both ask.)"""
+    status = finished_status(config.weights_path, recipe=config.recipe, epochs=config.epochs)
+    return status is not None and not (isinstance(status.get("config"), dict)
+                                       and changed_settings(status["config"], config))

@@ -1,10 +1,14 @@
 """`python -m cxr_fast.sweep --plan`: what the selected study costs on this machine, before it runs.
 
 Per recipe: images per balanced epoch (2 x the minority class of the task's train split),
-validation images, epochs (an upper bound: early stopping may end a run sooner) and hours,
-from measured `bench train` throughput (a results file of `bench train`, `bench suite` or
-`bench gpu-check`). Validation is counted at 3x the training rate (a forward pass without
-the backward); an arch without a measurement is shown as unknown and leaves the total open.
+validation images, epochs (an upper bound: early stopping may end a run sooner), validations
+(`val_every`: every N-th epoch and the last) and hours, from measured `bench train` throughput
+(a results file of `bench train`, `bench suite` or `bench gpu-check`). Validation is counted
+at 3x the training rate (a forward pass without the backward); its share of the hours is shown
+per recipe and in total (for rare tasks it exceeds the training). An arch without a
+measurement is shown as unknown and leaves the total open. The floor: the recipe's training
+and validation FLOPs (cxr_fast/flops.py) over the bf16 peak of the device the throughput was
+measured on, so the distance between measured and possible is in view.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from cxr_fast.errors import CxrError, one_line
+from cxr_fast.flops import BACKWARD_PER_FORWARD, forward_flops, peak_flops
 from cxr_fast.recipes import Config
 
 RESULTS_DIR = Path("benchmarks/results")
@@ -33,13 +38,50 @@ class RecipePlan:
     images_per_epoch: int
     validation_images: int
     images_per_second: float | None
+    val_every: int = 1
+    forward_flops: int | None = None   # one image's forward pass at the recipe's size
+    peak_flops: float | None = None    # the device's dense bf16 FLOP/s
+
+    @property
+    def validations(self) -> int:
+        """Validated epochs: every val_every-th and the last (train.validated_epoch)."""
+        return self.epochs // self.val_every + (self.epochs % self.val_every != 0)
+
+    @property
+    def _training_images(self) -> float:
+        return self.epochs * self.images_per_epoch
+
+    @property
+    def _validation_images_at_training_rate(self) -> float:
+        return self.validations * self.validation_images / EVAL_SPEEDUP
 
     @property
     def hours(self) -> float | None:
         if not self.images_per_second:
             return None
-        seconds = self.epochs * (self.images_per_epoch + self.validation_images / EVAL_SPEEDUP) / self.images_per_second
-        return seconds / 3600
+        return (self._training_images + self._validation_images_at_training_rate) / self.images_per_second / 3600
+
+    @property
+    def validation_hours(self) -> float | None:
+        return self._validation_images_at_training_rate / self.images_per_second / 3600 if self.images_per_second else None
+
+    @property
+    def validation_share(self) -> float:
+        """Validation's share of the recipe's GPU-hours (needs no throughput: both scale with it)."""
+        total = self._training_images + self._validation_images_at_training_rate
+        return self._validation_images_at_training_rate / total if total else 0.0
+
+    @property
+    def flops(self) -> float | None:
+        if self.forward_flops is None:
+            return None
+        return self.forward_flops * (self._training_images * (1 + BACKWARD_PER_FORWARD)
+                                     + self.validations * self.validation_images)
+
+    @property
+    def floor_hours(self) -> float | None:
+        """Hours at the device's peak: no run can be faster."""
+        return self.flops / self.peak_flops / 3600 if self.flops is not None and self.peak_flops else None
 
 
 def throughput_entries(data: Any) -> Iterator[dict]:
@@ -71,6 +113,13 @@ def read_throughput(path: Path) -> dict[str, float]:
     return rates
 
 
+def measured_device(path: Path) -> str | None:
+    """The GPU a results file's training throughput was measured on (None: a CPU, or several)."""
+    data = json.loads(Path(path).read_text())
+    gpus = {((entry.get("machine") or {}).get("gpu") or {}).get("name") for entry in throughput_entries(data)}
+    return gpus.pop() if len(gpus) == 1 else None
+
+
 def newest_results(folder: Path = RESULTS_DIR, device: str | None = None) -> Path | None:
     """The newest results file in `folder` with training measurements from this kind of device
     (the GPU's name, or none for a CPU)."""
@@ -92,7 +141,7 @@ def this_device() -> str | None:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).name if torch.cuda.is_available() else None
 
 
-def recipe_plan(config: Config, rates: dict[str, float]) -> RecipePlan:
+def recipe_plan(config: Config, rates: dict[str, float], peak: float | None = None) -> RecipePlan:
     from cxr_fast.loading.payloads import read_manifest, resolve_shards
 
     manifest = _manifest(resolve_shards(config.shards, 0), read_manifest)  # the label counts: any size of the cohort
@@ -106,7 +155,10 @@ def recipe_plan(config: Config, rates: dict[str, float]) -> RecipePlan:
     if config.max_steps_per_epoch:
         per_epoch = min(per_epoch, config.max_steps_per_epoch * config.resolved_batch_size * config.grad_accum)
     return RecipePlan(recipe=config.recipe, arch=config.arch, epochs=config.epochs, images_per_epoch=per_epoch,
-                      validation_images=validation, images_per_second=rates.get(config.arch))
+                      validation_images=validation, images_per_second=rates.get(config.arch),
+                      val_every=config.val_every, peak_flops=peak,
+                      # Counted only where a peak makes a floor of them (a CPU login node has none).
+                      forward_flops=forward_flops(config.arch, config.resolved_image_size) if peak else None)
 
 
 _MANIFESTS: dict[Path, Any] = {}
@@ -127,24 +179,50 @@ def slurm_time(plans: list[RecipePlan]) -> str | None:
     return f"{minutes // 60:02d}:{minutes % 60:02d}:00"
 
 
-def format_plan(plans: list[RecipePlan], source: Path | None) -> str:
-    lines = [f"{'recipe':<40} {'epoch img':>10} {'val img':>8} {'epochs':>6} {'img/s':>8} {'GPU-h':>8}"]
+def format_plan(plans: list[RecipePlan], source: Path | None, device: str | None = None) -> str:
+    lines = [f"{'recipe':<40} {'epoch img':>10} {'val img':>8} {'epochs':>6} {'img/s':>8} {'GPU-h':>8} "
+             f"{'vals':>5} {'val %':>6} {'floor-h':>8}"]
     for plan in plans:
         rate = f"{plan.images_per_second:.0f}" if plan.images_per_second else "unknown"
         hours = f"{plan.hours:.2f}" if plan.hours is not None else "unknown"
+        floor = f"{plan.floor_hours:.3f}" if plan.floor_hours is not None else "unknown"
         lines.append(f"{plan.recipe:<40} {plan.images_per_epoch:>10,} {plan.validation_images:>8,} {plan.epochs:>6} "
-                     f"{rate:>8} {hours:>8}")
-    known = [plan.hours for plan in plans if plan.hours is not None]
+                     f"{rate:>8} {hours:>8} {plan.validations:>5} {100 * plan.validation_share:>5.1f}% {floor:>8}")
+    known = [plan for plan in plans if plan.hours is not None]
     unknown = sorted({plan.arch for plan in plans if plan.hours is None})
-    total = f"{sum(known):.2f} GPU-hours at most (epochs are an upper bound: early stopping ends runs sooner)"
+    total_hours = sum(plan.hours for plan in known)
+    total = f"{total_hours:.2f} GPU-hours at most (epochs are an upper bound: early stopping ends runs sooner)"
     lines.append(f"total: {len(plans)} recipes, {sum(p.images_per_epoch * p.epochs for p in plans):,} training images, "
                  + total + (f" + unknown for {', '.join(unknown)} (no measurement: "
                             "python -m cxr_fast.bench train --arch A --json FILE)" if unknown else ""))
+    if known:
+        validation = sum(plan.validation_hours for plan in known)
+        every = sorted({plan.val_every for plan in plans})
+        lines.append(f"validation: {validation:.2f} of those GPU-hours ({100 * validation / total_hours:.1f}%), "
+                     f"val_every={','.join(map(str, every))} (1: every epoch; N: every N-th and the last)")
+    lines.append(floor_line(plans, device))
     lines.append(f"throughput: {source}" if source else "throughput: no results file for this device")
     return "\n".join(lines)
 
 
-def study_plan(configs: list[Config], *, throughput: Path | None) -> tuple[list[RecipePlan], Path | None]:
+def floor_line(plans: list[RecipePlan], device: str | None) -> str:
+    """The study's FLOPs over the device's peak, and how far the measured hours are from it."""
+    if not plans or plans[0].peak_flops is None:
+        return f"floor: unknown (no bf16 peak known for {device or 'a CPU'}; cxr_fast/flops.py lists the GPUs)"
+    flops = sum(plan.flops for plan in plans)
+    floor = sum(plan.floor_hours for plan in plans)
+    measured = [(plan.hours, plan.floor_hours) for plan in plans if plan.hours is not None]
+    ratio = (f"; the measured hours are {sum(h for h, _ in measured) / sum(f for _, f in measured):.1f}x it"
+             if measured and sum(f for _, f in measured) else "")
+    return (f"floor: {flops:.2e} FLOPs = {floor:.2f} GPU-hours at the {plans[0].peak_flops / 1e12:.0f} TFLOP/s "
+            f"bf16 peak of {device}{ratio}")
+
+
+def study_plan(configs: list[Config], *, throughput: Path | None) -> tuple[list[RecipePlan], Path | None, str | None]:
+    """(one plan per config, the throughput file read, the device the plan is for: the one that
+    throughput was measured on, else this machine's GPU)."""
     source = throughput or newest_results(device=this_device())
     rates = read_throughput(source) if source else {}
-    return [recipe_plan(config, rates) for config in configs], source
+    device = (measured_device(source) if source else None) or this_device()
+    peak = peak_flops(device)
+    return [recipe_plan(config, rates, peak) for config in configs], source, device

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from cxr_fast.locks import describe, lock_holder
 from cxr_fast.recipes import Config
+from cxr_fast.same_run import is_finished
 from cxr_fast.schema import RESUME_FILE, read_status
-from cxr_fast.sweep import is_finished
 
 # A line that says why a run ended: `error: ...` (CxrError), `SomethingError: ...` (a traceback's
 # last line), an out-of-memory kill, a Slurm cancellation or time-out.

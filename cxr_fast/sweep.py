@@ -29,8 +29,7 @@ from cxr_fast.io import atomic_path
 from cxr_fast.locks import describe, lock_holder
 from cxr_fast.models import list_archs
 from cxr_fast.recipes import Config, load_config, parse_overrides, recipe_name
-from cxr_fast.same_run import changed_settings
-from cxr_fast.schema import finished_status
+from cxr_fast.same_run import is_finished
 from cxr_fast.tasks import TASKS, task_name
 
 
@@ -48,15 +47,6 @@ def select_archs(text: str) -> list[str]:
             raise CxrError(f"--archs: no arch matches {pattern!r}")
         chosen += [slug for slug in matches if slug not in chosen]
     return chosen
-
-
-def is_finished(config: Config) -> bool:
-    """Whether training `config` would have nothing to do: the check `cxr_fast.train` makes
-    (raising `epochs=` reopens a finished recipe). A saved run with other settings is not
-    finished for these: train refuses it, saying why."""
-    status = finished_status(config.weights_path, recipe=config.recipe, epochs=config.epochs)
-    return status is not None and not (isinstance(status.get("config"), dict)
-                                       and changed_settings(status["config"], config))
 
 
 def running_holder(config: Config) -> str | None:
@@ -274,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         from cxr_fast.study_plan import format_plan, slurm_time, study_plan
 
-        plans, source = study_plan(list(configs.values()), throughput=args.throughput)
-        print(format_plan(plans, source))
+        plans, source, device = study_plan(list(configs.values()), throughput=args.throughput)
+        print(format_plan(plans, source, device))
         if args.slurm and not args.time:
             args.time = slurm_time(plans)
             print(f"--time {args.time}: the longest recipe + 25%" if args.time

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,16 +25,18 @@ import numpy as np
 import torch
 
 from cxr_fast.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint, save_safetensors
-from cxr_fast.engine import (SplitData, compile_model, configure_backends, labelled_batches, load_task_data,
-                             loader_budget_bytes, make_accelerator, peak_lr, predict_probs, prepare_model, train_step)
-from cxr_fast.errors import CxrError, one_line, reported_os_errors, run_cli
+from cxr_fast.engine import (SplitData, compile_model, configure_backends, eval_batch_size, labelled_batches,
+                             load_task_data, loader_budget_bytes, make_accelerator, peak_lr, predict_probs,
+                             prepare_model, train_step)
+from cxr_fast.errors import CxrError, one_line, run_cli
 from cxr_fast.io import atomic_path, remove_stale_temporaries, write_json
 from cxr_fast.locks import exclusive_lock
 from cxr_fast.loading import choose_loader, make_loader, with_shards_resolved
 from cxr_fast.loading.augment import AugmentSettings
 from cxr_fast.loading.sampler import balanced_epoch, rank_share
+from cxr_fast.metrics_log import MetricsLog
 from cxr_fast.recipes import Config, all_recipes, load_config, recipe_from_legacy
-from cxr_fast.same_run import changed_settings, refuse_changed_settings
+from cxr_fast.same_run import refuse_changed_settings
 from cxr_fast.schema import RESUME_FILE, STATUS_FILE, finished_status, read_status
 from cxr_fast.validation import validation_metrics
 
@@ -96,74 +97,6 @@ class Progress:
     history: list = field(default_factory=list)
 
 
-# ------------------------------------------------------------------ logging
-
-
-class MetricsLog:
-    """`runs/<recipe>/metrics.jsonl` always; W&B too unless logger=none (offline without a login)."""
-
-    def __init__(self, config: Config, *, enabled: bool, resume_epoch: int):
-        self.path = config.run_path / "metrics.jsonl"
-        self.enabled = enabled
-        self.wandb = None
-        if not enabled:
-            return
-        self._truncate_after(resume_epoch)
-        if config.logger == "wandb":
-            self.wandb = _start_wandb(config)
-
-    def _truncate_after(self, epoch: int) -> None:
-        # A run killed mid-epoch may have logged epochs that the resume will redo.
-        if not self.path.is_file():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if _epoch_of(line) <= epoch]
-        with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in kept))
-
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with reported_os_errors(self.path):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(record, step=record["step"])
-
-    def close(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _epoch_of(line: str) -> float:
-    """The epoch of a metrics.jsonl line; a line cut short by a kill sorts after every epoch."""
-    try:
-        return json.loads(line)["epoch"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
-def _start_wandb(config: Config):
-    try:
-        import wandb
-    except ImportError:
-        print("wandb is not installed: logging to metrics.jsonl only", file=sys.stderr)
-        return None
-    mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
-    if mode == "disabled":
-        return None
-    config.run_path.mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=config.wandb_project, name=config.recipe, id=config.recipe.replace("/", "-"),
-                      resume="allow", dir=str(config.run_path), config=config.to_dict(), mode=mode)
-
-
-def _wandb_logged_in() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path.home() / ".netrc"
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-
-
 # ------------------------------------------------------------------ the run
 
 
@@ -192,18 +125,38 @@ def recipe_lock(config: Config, accelerator):
 
 
 def start_same_run(config: Config, accelerator) -> None:
-    """Refuse to continue a saved run under other settings, or with restart=true discard it."""
-    saved, source = saved_settings(config)
-    if saved is None:
-        return
-    if config.restart:
-        if changed_settings(saved, config) and accelerator.is_main_process:
+    """Refuse to continue a saved run under other settings, or with restart=true discard it.
+
+    The main process reads the saved run and decides for all: a rank reading on its own could
+    find the files already discarded by the main process, skip the barrier below and enter DDP
+    set-up while the main process waits there (a hang until the collective's timeout)."""
+    action, message = main_process_decides_object(
+        same_run_decision(config) if accelerator.is_main_process else None, accelerator)
+    if action == "refuse":
+        raise CxrError(message)
+    if action == "discard":
+        if accelerator.is_main_process:
             accelerator.print(f"{config.recipe}: restart=true: discarding the saved run with other settings")
             for name in RUN_FILES:
                 (config.weights_path / name).unlink(missing_ok=True)
         accelerator.wait_for_everyone()
-        return
-    refuse_changed_settings(saved, config, source)
+
+
+def same_run_decision(config: Config) -> tuple[str, str | None]:
+    """("continue", None): no saved run, or one with these settings; ("discard", None): other
+    settings and restart=true; ("refuse", the one-line reason): other settings, or a saved run
+    that cannot be read."""
+    try:
+        saved, source = saved_settings(config)
+    except CxrError as error:  # an unreadable saved run: every rank stops with the reason
+        return "refuse", str(error)
+    if saved is None:
+        return "continue", None
+    try:
+        refuse_changed_settings(saved, config, source)
+    except CxrError as error:
+        return ("discard", None) if config.restart else ("refuse", str(error))
+    return "continue", None
 
 
 RUN_FILES = (STATUS_FILE, RESUME_FILE, "best.json", "best.safetensors")  # what a saved run consists of
@@ -225,6 +178,7 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
     from tqdm import tqdm
 
     device = accelerator.device
+    accelerator.print(world_line(config, accelerator))
     start_same_run(config, accelerator)
     done = finished_run(config)
     if done is not None:
@@ -246,8 +200,8 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
     kind = choose_loader(config.loader, n_images=len(train_data.rows) + len(val_data.rows), settings=settings,
                          budget_bytes=lambda: loader_budget_bytes(model, config, accelerator, settings.image_size))
     loaders = {name: make_loader(kind, data.rows, shards_dir, settings, device=device,
-                                 batch_size=batch_size, seed=config.seed, rank=accelerator.process_index,
-                                 threads=config.decode_threads)
+                                 batch_size=batch_size if name == "train" else eval_batch_size(config),
+                                 seed=config.seed, rank=accelerator.process_index, threads=config.decode_threads)
                for name, data in (("train", train_data), ("val", val_data))}
 
     state = Progress()
@@ -308,12 +262,14 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
             n_batches = max(1, len(indices) // batch_size)
             check_finite(bad, accelerator, config, epoch, n_batches - 1)
             train_seconds = time.perf_counter() - started
-            val = evaluate(forward, model, loaders["val"], val_data, accelerator)
-            record = {"epoch": epoch + 1, "step": state.step, "train_loss": loss_sum.item() / n_batches,
+            val = (evaluate(forward, model, loaders["val"], val_data, accelerator)
+                   if validated_epoch(epoch + 1, config) else None)
+            record = {"epoch": epoch + 1, "step": state.step,
+                      "train_loss": mean_over_ranks(loss_sum, accelerator) / n_batches,
                       "images_per_second": seen * accelerator.num_processes / max(train_seconds, 1e-9),
                       "data_wait_share": waited / max(train_seconds, 1e-9), "lr": optimizer.param_groups[0]["lr"],
                       "epoch_seconds": time.perf_counter() - started,  # training + validation: the status view's ETA
-                      **{f"val_{key}": value for key, value in val.items()}}
+                      **{f"val_{key}": value for key, value in (val or {}).items()}}
             # The log line first, then the checkpoint: a kill between the two leaves a line that
             # the resume cuts away and rewrites, never a checkpointed epoch without its line.
             log.log(record)
@@ -332,6 +288,19 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
     finally:
         log.close()
     return summary(config, state, kind)
+
+
+def world_line(config: Config, accelerator) -> str:
+    """The run's first line: how many processes train it, and on what (`2 processes on cpu`)."""
+    count = accelerator.num_processes
+    return f"{config.recipe}: {count} process{'es' if count > 1 else ''} on {accelerator.device.type}"
+
+
+def mean_over_ranks(value: torch.Tensor, accelerator) -> float:
+    """`value` averaged over the processes (each rank trains on its own share of the epoch)."""
+    if accelerator.num_processes > 1:
+        value = accelerator.reduce(value.detach().clone(), reduction="mean")
+    return value.item()
 
 
 def steps_in_epoch(data: SplitData, config: Config, batch_size: int, world_size: int) -> int:
@@ -369,10 +338,18 @@ def evaluate(forward, model, loader, data: SplitData, accelerator) -> dict:
     return validation_metrics(data.labels, probs)
 
 
-def end_of_epoch(state: Progress, record: dict, val: dict, model, accelerator, config: Config) -> Progress:
-    """The loop's progress after an epoch; a better val balanced accuracy writes best.safetensors."""
+def validated_epoch(epoch: int, config: Config) -> bool:
+    """Whether epoch `epoch` (1-based) ends with a validation: every `val_every`-th and the last."""
+    return epoch % config.val_every == 0 or epoch == config.epochs
+
+
+def end_of_epoch(state: Progress, record: dict, val: dict | None, model, accelerator, config: Config) -> Progress:
+    """The loop's progress after an epoch; a better val balanced accuracy writes best.safetensors.
+    An epoch without validation (val_every > 1) changes neither the best epoch nor the patience."""
     state.epoch = record["epoch"]
     state.history.append(record)
+    if val is None:
+        return state
     score = val["balanced_accuracy"] if val["balanced_accuracy"] is not None else -1.0
     if score > state.best_score:
         state.best_score, state.best_epoch, state.epochs_since_best = score, state.epoch, 0
@@ -449,6 +426,15 @@ class CheckpointClock:
         return f"last.pt from epoch {self.saved_epoch}, {(time.perf_counter() - self.saved_at) / 60:.1f} min ago"
 
 
+def main_process_decides_object(value, accelerator):
+    """The main process's `value` (any picklable object) on every process."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
 def main_process_decides(flag: bool, accelerator) -> bool:
     """The main process's `flag` on every process: a decision that leads into a collective
     (a barrier, an all-reduce) must be the same everywhere, and timings or the last bits of a
@@ -477,9 +463,12 @@ def resume(path: Path, accelerator, model, optimizer, config: Config) -> Progres
 
 
 def epoch_line(config: Config, record: dict, clock: CheckpointClock) -> str:
-    auroc = record["val_auroc"]
-    return (f"{config.recipe} epoch {record['epoch']}/{config.epochs}: loss {record['train_loss']:.4f}  "
-            f"val AUROC {auroc if auroc is None else f'{auroc:.3f}'}  bal.acc {record['val_balanced_accuracy']:.3f}  "
+    if "val_balanced_accuracy" in record:
+        auroc = record["val_auroc"]
+        val = f"val AUROC {auroc if auroc is None else f'{auroc:.3f}'}  bal.acc {record['val_balanced_accuracy']:.3f}"
+    else:
+        val = f"not validated (val_every={config.val_every})"
+    return (f"{config.recipe} epoch {record['epoch']}/{config.epochs}: loss {record['train_loss']:.4f}  {val}  "
             f"{record['images_per_second']:.0f} img/s  data wait {record['data_wait_share']:.0%}  {clock.describe()}")
 
 

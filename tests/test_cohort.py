@@ -24,13 +24,9 @@ from cohort_fixtures import (
     write_mimic_cxr,
     write_nih,
 )
-from cxr_fast.data.cohort import (
-    FRAME_COLUMNS,
-    CohortOptions,
-    add_cohort_arguments,
-    build_cohort,
+from cxr_fast.data.cohort import FRAME_COLUMNS, CohortOptions, add_cohort_arguments, build_cohort, cohort_from_args
+from cxr_fast.data.cohort_rules import (
     clean_age,
-    cohort_from_args,
     mimic_age,
     parse_age,
     patient_split,

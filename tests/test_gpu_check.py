@@ -119,3 +119,56 @@ def test_tiny_gpu_check_on_cpu_writes_every_part(tmp_path):
     assert result["parts"]["loader"]["result"]["resident"]["images_per_second"]["median"] > 0
     assert result["parts"]["efficiency"]["result"]["test_resnet eager"]["efficiency"] > 0
     assert result["targets"] == {}  # a CPU run meets or misses no GPU target
+    host = result["parts"]["loader"]["result"]["host"]
+    assert host.get("images_per_second") or (host["status"] == "skipped" and host["reason"])
+    assert any("several GPUs" in item and "NCCL" in item for item in result["not_covered"])
+    from PIL import Image
+
+    phantom = next((out / "work" / "data").glob("phantom-*-portrait1.2"))
+    with Image.open(next(phantom.rglob("*.jpg"))) as image:  # non-square, like MIMIC's
+        assert image.height == round(1.2 * image.width)
+
+
+def test_only_resnet50_and_convnext_large_compile():
+    runs = gpu_check.efficiency_runs(gpu_check.Scale(), compile=True)
+    assert runs[:5] == [(arch, False) for arch in gpu_check.EFFICIENCY_ARCHS]
+    assert runs[5:] == [("resnet50", True), ("convnext_large", True)]
+    assert all(not compiled for _arch, compiled in gpu_check.efficiency_runs(gpu_check.Scale(), compile=False))
+    assert all(not compiled for _arch, compiled in gpu_check.efficiency_runs(gpu_check.TINY, compile=True))
+
+
+def process_is_gone(pid: int) -> bool:
+    """Exited (a zombie waiting to be reaped counts: it runs nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_timed_out_part_is_killed_with_the_processes_it_started(tmp_path):
+    """A part's child (the training run of the `train` part) dies with the part."""
+    import time
+
+    from cxr_fast.bench.machine import start_logged, wait_or_kill
+
+    pid_file = tmp_path / "grandchild.pid"
+    part = ("import sys, time, pathlib\n"
+            "from cxr_fast.bench.machine import start_logged\n"
+            "child = start_logged([sys.executable, '-c', 'import time; time.sleep(300)'], pathlib.Path(sys.argv[2]))\n"
+            "pathlib.Path(sys.argv[1]).write_text(str(child.pid))\n"
+            "time.sleep(300)\n")
+    process = start_logged([sys.executable, "-c", part, str(pid_file), str(tmp_path / "child.log")],
+                           tmp_path / "part.log", own_group=True)
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    grandchild = int(pid_file.read_text())
+    assert wait_or_kill(process, 0.1) is None
+    deadline = time.monotonic() + 30
+    while not process_is_gone(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process_is_gone(grandchild)

@@ -24,11 +24,11 @@ def fabricated_shards(folder: Path) -> Path:
     return folder
 
 
-def throughput_file(path: Path, rates: dict[str, float]) -> Path:
+def throughput_file(path: Path, rates: dict[str, float], gpu: str | None = None) -> Path:
     def entry(arch, rate):
         measured = {"images_per_second": {"median": rate, "min": rate, "max": rate, "spread": 0, "values": [rate]}}
         return {"kind": "train", "command": "x", "settings": {"arch": arch}, "synthetic": measured, "real": measured,
-                "machine": {"gpu": None}}
+                "machine": {"gpu": {"name": gpu} if gpu else None}}
     path.write_text(json.dumps({"kind": "suite", "train": [entry(arch, rate) for arch, rate in rates.items()]}))
     return path
 
@@ -44,7 +44,7 @@ def test_plan_counts_images_and_hours(tmp_path, capsys):
     assert resnet.split()[1:5] == ["60", "20", "4", "10"]
     assert resnet.split()[5] == f"{4 * (60 + 20 / 3) / 10 / 3600:.2f}"
     densenet = next(line for line in out.splitlines() if line.startswith("effusion_densenet121"))
-    assert densenet.split()[-2:] == ["unknown", "unknown"]
+    assert densenet.split()[4:6] == ["unknown", "unknown"]
     assert "unknown for densenet121" in out and str(rates) in out
 
 
@@ -74,3 +74,53 @@ def test_a_file_without_measurements_is_refused(tmp_path):
     empty.write_text("{}")
     with pytest.raises(CxrError, match="empty.json: no `bench train` measurement"):
         main(["--tasks", "effusion", "--archs", "resnet50", "--plan", "--throughput", str(empty), f"shards={shards}"])
+
+
+def plan_line(out: str, recipe: str) -> list[str]:
+    return next(line for line in out.splitlines() if line.startswith(recipe)).split()
+
+
+def test_plan_shows_validations_share_and_the_effect_of_val_every(tmp_path, capsys):
+    shards = fabricated_shards(tmp_path / "shards")
+    rates = throughput_file(tmp_path / "rates.json", {"resnet50": 10.0})
+    common = ["--tasks", "effusion", "--archs", "resnet50", "--plan", "--throughput", str(rates), f"shards={shards}",
+              "epochs=4"]
+    assert main(common) == 0
+    every = plan_line(capsys.readouterr().out, "effusion_resnet50")
+    # 4 validations of 20 images at 3x the rate beside 4 epochs of 60: 26.7 of 266.7 image-units
+    assert every[6:8] == ["4", f"{100 * (80 / 3) / (240 + 80 / 3):.1f}%"]
+    assert main([*common, "val_every=3"]) == 0  # epochs 3 and 4 (the last) are validated
+    out = capsys.readouterr().out
+    sparse = plan_line(out, "effusion_resnet50")
+    assert sparse[5:8] == [f"{(240 + 40 / 3) / 10 / 3600:.2f}", "2", f"{100 * (40 / 3) / (240 + 40 / 3):.1f}%"]
+    assert f"({100 * (40 / 3) / (240 + 40 / 3):.1f}%), val_every=3" in out
+    assert "floor: unknown (no bf16 peak known for a CPU" in out
+
+
+def test_plan_gives_the_floor_at_the_measured_devices_peak(tmp_path, capsys, monkeypatch):
+    import cxr_fast.study_plan as plan
+
+    counted = []
+    monkeypatch.setattr(plan, "forward_flops", lambda arch, size: counted.append((arch, size)) or 1e9)
+    shards = fabricated_shards(tmp_path / "shards")
+    rates = throughput_file(tmp_path / "rates.json", {"resnet50": 10.0}, gpu="NVIDIA H100 80GB HBM3")
+    assert main(["--tasks", "effusion", "--archs", "resnet50", "--plan", "--throughput", str(rates),
+                 f"shards={shards}", "epochs=4", "image_size=160"]) == 0
+    out = capsys.readouterr().out
+    flops = 1e9 * (4 * 60 * 3 + 4 * 20)  # training images x (forward + 2 x forward), validation x forward
+    floor_hours = flops / 989e12 / 3600
+    assert plan_line(out, "effusion_resnet50")[8] == f"{floor_hours:.3f}"
+    assert f"floor: {flops:.2e} FLOPs = {floor_hours:.2f} GPU-hours at the 989 TFLOP/s bf16 peak of NVIDIA H100" in out
+    hours = 4 * (60 + 20 / 3) / 10 / 3600
+    assert f"the measured hours are {hours / floor_hours:.1f}x it" in out
+    assert counted == [("resnet50", 160)]
+
+
+def test_device_peaks_and_counted_flops():
+    from cxr_fast.flops import forward_flops, peak_flops, training_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops(None) is None and peak_flops("Tesla K80") is None
+    small, large = forward_flops("test_resnet", 64), forward_flops("test_resnet", 128)
+    assert small > 0 and 3.5 < large / small < 4.5  # convolutions: FLOPs grow with the pixel count
+    assert training_flops("test_resnet", 64) == 3 * small

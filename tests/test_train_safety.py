@@ -96,7 +96,7 @@ def test_changed_settings_are_refused_and_raised_epochs_continue(phantom_shards,
     folder = tmp_path / "weights" / RECIPE
     for name in ("best.safetensors", "last.pt", "best.json", "status.json"):
         assert stat.S_IMODE((folder / name).stat().st_mode) == 0o644, name
-    from cxr_fast.sweep import is_finished
+    from cxr_fast.same_run import is_finished
 
     assert is_finished(load_config(RECIPE, small(phantom_shards, tmp_path, loader="auto")))
     assert not is_finished(load_config(RECIPE, small(phantom_shards, tmp_path, lr=0.01)))
@@ -227,3 +227,49 @@ def test_sigterm_stops_the_sweep_and_its_running_training(phantom_shards, tmp_pa
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
     assert lock_holder(folder) is None
+
+
+class FakeRanks:
+    """An accelerator seen from one rank of two; records the barriers it enters."""
+
+    def __init__(self, *, main: bool):
+        self.is_main_process, self.num_processes, self.barriers = main, 2, 0
+
+    def wait_for_everyone(self):
+        self.barriers += 1
+
+    def print(self, *args):
+        pass
+
+
+def test_every_rank_follows_the_main_process_on_a_restart(tmp_path, monkeypatch):
+    """A helper rank acts on the main process's decision, never on what it finds on disk: the
+    main process may already have discarded the files, and a rank that skipped the barrier
+    would wait in DDP set-up while the main process waits in the barrier."""
+    import cxr_fast.train as training
+
+    config = load_config(RECIPE, small(tmp_path / "shards", tmp_path, lr=0.01, restart="true"))
+    monkeypatch.setattr(training, "main_process_decides_object", lambda value, accelerator: ("discard", None))
+    helper = FakeRanks(main=False)
+    training.start_same_run(config, helper)  # nothing on disk any more
+    assert helper.barriers == 1
+    monkeypatch.setattr(training, "main_process_decides_object", lambda value, accelerator: ("refuse", "saved: other"))
+    with pytest.raises(CxrError, match="saved: other"):
+        training.start_same_run(config, FakeRanks(main=False))
+
+
+def test_the_main_process_decides_from_what_is_saved(phantom_shards, tmp_path):
+    from cxr_fast.train import same_run_decision
+
+    first = load_config(RECIPE, small(phantom_shards, tmp_path))
+    assert same_run_decision(first) == ("continue", None)
+    train(first, progress_bar=False)
+    assert same_run_decision(load_config(RECIPE, small(phantom_shards, tmp_path, epochs=3))) == ("continue", None)
+    action, reason = same_run_decision(load_config(RECIPE, small(phantom_shards, tmp_path, lr=0.01)))
+    assert action == "refuse" and "other settings (lr " in reason and "\n" not in reason
+    assert same_run_decision(load_config(RECIPE, small(phantom_shards, tmp_path, lr=0.01, restart="true"))) == \
+        ("discard", None)
+    (first.weights_path / "status.json").unlink()
+    (first.weights_path / "last.pt").write_bytes(b"not a checkpoint")
+    action, reason = same_run_decision(first)
+    assert action == "refuse" and "last.pt" in reason

@@ -108,7 +108,7 @@ def test_an_early_stopped_recipe_is_not_trained_again(phantom_shards, tmp_path, 
 
 
 def test_a_log_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
-    from cxr_fast.train import MetricsLog
+    from cxr_fast.metrics_log import MetricsLog
 
     config = load_config(RECIPE, [f"runs_dir={tmp_path}", "logger=none"])
     path = tmp_path / RECIPE / "metrics.jsonl"
@@ -191,3 +191,34 @@ def test_two_identical_runs_write_byte_identical_best_weights(phantom_shards, tm
         assert done.returncode == 0, done.stderr
     first, second = (tmp_path / name / "weights" / RECIPE / "best.safetensors" for name in ("first", "second"))
     assert first.read_bytes() == second.read_bytes()
+
+
+def test_val_every_validates_every_nth_and_the_final_epoch(phantom_shards, tmp_path, monkeypatch):
+    import cxr_fast.train as training
+    from cxr_fast.engine import EVAL_BATCH_FACTOR
+
+    batch_sizes = []
+    real_make_loader = training.make_loader
+
+    def recording(*args, **kwargs):
+        batch_sizes.append(kwargs["batch_size"])
+        return real_make_loader(*args, **kwargs)
+
+    monkeypatch.setattr(training, "make_loader", recording)
+    config = load_config(RECIPE, small(phantom_shards, tmp_path, epochs=3, val_every=2, max_steps_per_epoch=2))
+    history = train(config, progress_bar=False)["history"]
+    assert [("val_balanced_accuracy" in record) for record in history] == [False, True, True]
+    assert batch_sizes == [16, 16 * EVAL_BATCH_FACTOR]  # train, then val: no gradients, larger batches
+    best = json.loads((tmp_path / "weights" / RECIPE / "best.json").read_text())
+    assert best["epoch"] in (2, 3)
+
+
+def test_the_logged_training_loss_is_the_mean_over_ranks():
+    from types import SimpleNamespace
+
+    from cxr_fast.train import mean_over_ranks
+
+    calls = []
+    ranks = SimpleNamespace(num_processes=2, reduce=lambda value, reduction: calls.append(reduction) or value * 0 + 3.0)
+    assert mean_over_ranks(torch.tensor(1.0), ranks) == 3.0 and calls == ["mean"]
+    assert mean_over_ranks(torch.tensor(1.0), SimpleNamespace(num_processes=1)) == 1.0

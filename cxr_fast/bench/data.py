@@ -31,17 +31,21 @@ REFERENCE_DECODE_PER_CORE = 3800  # img/s/core, libjpeg-turbo, 256 px ~20 KB gra
 
 
 def prepare_data(images: int, *, workdir: Path = WORKDIR, source_size: int = 1024, shard_px: int = 256,
-                 seed: int = 0) -> Path:
-    """Phantom MIMIC at `source_size` px and its shards at `shard_px` px, cached under workdir."""
+                 seed: int = 0, portrait: float = 1.0) -> Path:
+    """Phantom MIMIC at `source_size` px and its shards at `shard_px` px, cached under workdir;
+    with `portrait` > 1 the images are stretched to `portrait` x as many rows as columns."""
     from cxr_fast.data import shard_dataset
     from cxr_fast.data.phantom import generate_phantom
 
-    root = workdir / f"phantom-{images}-{source_size}px-seed{seed}"
-    shards = workdir / f"shards-{images}-{source_size}px-seed{seed}-{shard_px}px"
+    shape = f"-portrait{portrait:g}" if portrait != 1.0 else ""
+    root = workdir / f"phantom-{images}-{source_size}px-seed{seed}{shape}"
+    shards = workdir / f"shards-{images}-{source_size}px-seed{seed}{shape}-{shard_px}px"
     if not (root / "phantom_truth.json").is_file():
         print(f"bench: drawing {images} phantom radiographs at {source_size} px -> {root}", file=sys.stderr)
         generate_phantom(root, n_images=images, seed=seed, image_size=source_size, workers=usable_cores())
     if not (shards / "manifest.parquet").is_file():
+        if portrait != 1.0:
+            stretch_to_portrait(root, portrait)
         # Several shards per split, so every DataLoader worker of the wds loader has its own.
         shard_size = max(16, math.ceil(images / (4 * usable_cores())))
         arguments = ["--source", "mimic", "--root", str(root / "mimic-cxr-jpg"), "--demographics", str(root / "mimic-iv"),
@@ -50,6 +54,24 @@ def prepare_data(images: int, *, workdir: Path = WORKDIR, source_size: int = 102
         if shard_dataset.main(arguments) != 0:
             raise CxrError(f"bench: sharding {root} failed")
     return shards
+
+
+def stretch_to_portrait(root: Path, ratio: float) -> None:
+    """Every phantom JPEG under `root` stretched to `ratio` x its width in rows (MIMIC's images
+    are portrait: the ROI and crop code must meet non-square inputs). Idempotent: an image
+    already at that shape is left alone, so an interrupted pass is finished by a rerun."""
+    from PIL import Image
+
+    from cxr_fast.io import atomic_path
+
+    for path in sorted(root.rglob("*.jpg")):
+        with Image.open(path) as image:
+            target = (image.width, round(image.width * ratio))
+            if image.size == target:
+                continue
+            stretched = image.resize(target, Image.Resampling.BILINEAR)
+        with atomic_path(path) as tmp:
+            stretched.save(tmp, format="JPEG", quality=90)
 
 
 def read_rows(shards: Path):

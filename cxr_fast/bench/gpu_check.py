@@ -5,18 +5,23 @@ CUDA version and the driver's (from `nvidia-smi`), and without `--tiny` no GPU a
 error too: a CPU run is never reported as a GPU check. Without a C compiler or Python headers
 (Triton builds a small C module) the compiled parts are skipped with that reason.
 
-Then the parts, most important first, each in its own process under its own time limit (a
-hang, a crash or a CUDA error loses that part only); OUT_DIR/gpu-check.json is rewritten
-atomically after every part and every entry of a part:
-  loader      resident loader on the device: augmented 224 px images/s (target >= 30,000)
+Then the parts, most important first, each in its own process group under its own time limit
+(a hang, a crash or a CUDA error loses that part only; on a timeout the whole group is killed,
+so a training run a part started cannot keep the GPU busy during the next parts);
+OUT_DIR/gpu-check.json is rewritten atomically after every part and every entry of a part:
+  loader      resident loader on the device: augmented 224 px images/s (target >= 30,000);
+              `host` too where that loader exists
   train       the real training command, compile=on, bf16, channels-last: killed after epoch
               1 of 2, rerun, resumed (bench resume's check); then the real predict on the result
-  efficiency  bench train, real loader vs one synthetic batch, eager then compiled, for
-              resnet50 convnext_tiny efficientnet_b0 vit_base convnext_large (target >= 0.97)
+  efficiency  bench train, real loader vs one synthetic batch, eager for resnet50 convnext_tiny
+              efficientnet_b0 vit_base convnext_large, then compiled for resnet50 and
+              convnext_large only (the budget fits two compiles) (target >= 0.97)
   dali        (when DALI is installed) nvJPEG decode + augment images/s; DALI vs resident
-              evaluation batches within one grey level
+              evaluation batches within one grey level, training batches within one on average
   memory      peak device memory of a MIMIC-scale resident tensor (240,000 x 256 x 256 uint8)
               beside convnext_large training at its batch size
+The phantom is portrait (rows = 1.2 x columns, like MIMIC's 3056 x 2544), so the crop code
+runs on non-square images. The JSON's `not_covered` lists what the check does not run.
 `--tiny` runs the same code on the CPU with test archs, a few images at 64 px and a tiny
 resident tensor (the test suite does, so the check cannot rot).
 
@@ -48,6 +53,15 @@ RESULT_FILE = "gpu-check.json"
 PARTS = ("loader", "train", "efficiency", "dali", "memory")
 TARGETS = {"loader_images_per_second": 30_000, "train_efficiency": 0.97}
 EFFICIENCY_ARCHS = ("resnet50", "convnext_tiny", "efficientnet_b0", "vit_base", "convnext_large")
+COMPILED_ARCHS = ("resnet50", "convnext_large")  # the study's most common and its largest
+PORTRAIT = 1.2  # rows / columns of the phantom's images (MIMIC-CXR: 3056 / 2544)
+NOT_COVERED = (
+    "several GPUs: DDP, NCCL collectives and their time-outs (tests/test_two_processes.py runs two "
+    "processes on the CPU with gloo)",
+    "several nodes and a shared weights/ folder on a network filesystem",
+    "full-size MIMIC-CXR data: the phantom has a few thousand images",
+    "the analysis (cxr_fast.analyze) and the study's 114 recipes at full length",
+)
 MIMIC_IMAGES = 240_000
 GREY_LEVEL = 1 / 255 / 0.226  # one grey level in normalised units (augment.STD), kept import-free here
 
@@ -63,6 +77,8 @@ class Scale:
     resume_settings: tuple[str, ...] = ("image_size=224", "batch_size=128", "max_steps_per_epoch=20",
                                         "precision=bf16", "channels_last=true", "compile=on")
     efficiency_archs: tuple[str, ...] = EFFICIENCY_ARCHS
+    compiled_archs: tuple[str, ...] = COMPILED_ARCHS
+    portrait: float = PORTRAIT
     train_image_size: int = 0     # 0: each arch's native size and registry batch size
     train_batch_size: int = 0
     steps: int = 10
@@ -80,7 +96,7 @@ class Scale:
 TINY = Scale(images=60, image_size=64, batch_size=8, resume_recipe="effusion_test_resnet",
              resume_settings=("image_size=64", "batch_size=8", "max_steps_per_epoch=2", "precision=auto",
                               "channels_last=true", "compile=off"),
-             efficiency_archs=("test_resnet",), train_image_size=32, train_batch_size=8, steps=2, repeats=2,
+             efficiency_archs=("test_resnet",), compiled_archs=(), train_image_size=32, train_batch_size=8, steps=2, repeats=2,
              precision="auto", compile=False, resident_images=500, resident_side=64, memory_arch="test_convnext",
              budgets={"shards": 240, "loader": 120, "train": 300, "efficiency": 240, "dali": 180, "memory": 120})
 
@@ -104,6 +120,7 @@ class GpuCheckResult(Record):
     result_name: str | None = None   # benchmarks/results/<this>: named after the GPU and the date
     parts: dict[str, Part] = field(default_factory=dict)
     targets: dict[str, Any] = field(default_factory=dict)
+    not_covered: list[str] = field(default_factory=lambda: list(NOT_COVERED))
     wall_seconds: float = 0.0
     kind: str = "gpu-check"
 
@@ -231,7 +248,7 @@ def _run_part(name: str, scale: Scale, tiny: bool, work: Path, result: GpuCheckR
                *(["--no-compile"] if result.preflight["compile"] != "ok" else [])]
     from cxr_fast.bench.machine import start_logged, wait_or_kill
 
-    process = start_logged(command, log, env={"TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")})
+    process = start_logged(command, log, env={"TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}, own_group=True)
     returncode = wait_or_kill(process, budget)
     part = _read_part(part_file)
     part.seconds, part.budget_seconds = round(time.perf_counter() - started, 1), budget
@@ -279,7 +296,7 @@ class PartWriter:
 def shard_folder(work: Path, scale: Scale) -> Path:
     from cxr_fast.bench.data import prepare_data
 
-    return prepare_data(scale.images, workdir=work / "data", source_size=256, shard_px=256)
+    return prepare_data(scale.images, workdir=work / "data", source_size=256, shard_px=256, portrait=scale.portrait)
 
 
 def part_shards(out: PartWriter, scale: Scale, work: Path, compile: bool) -> None:
@@ -287,7 +304,15 @@ def part_shards(out: PartWriter, scale: Scale, work: Path, compile: bool) -> Non
 
 
 def part_loader(out: PartWriter, scale: Scale, work: Path, compile: bool) -> None:
+    from cxr_fast.bench.data import BUILDERS
+
     _measure_loader("resident", out, scale, work)
+    if out.part.status != "ok":
+        return
+    if "host" in BUILDERS:
+        _measure_loader("host", out, scale, work)
+    else:
+        out.add("host", {"status": "skipped", "reason": "no loader=host in this version of cxr_fast"})
 
 
 def _measure_loader(kind: str, out: PartWriter, scale: Scale, work: Path) -> Any:
@@ -343,23 +368,22 @@ def part_efficiency(out: PartWriter, scale: Scale, work: Path, compile: bool) ->
 
     shards = shard_folder(work, scale)
     failures = []
-    for compiled in ((False, True) if scale.compile and compile else (False,)):
-        for arch in scale.efficiency_archs:
-            key = f"{arch} {'compiled' if compiled else 'eager'}"
-            argv = ["train", "--arch", arch, "--loader", "resident", "--shards", str(shards), "--precision",
-                    scale.precision, "--steps", str(scale.steps), "--repeats", str(scale.repeats)]
-            if scale.train_image_size:
-                argv += ["--image-size", str(scale.train_image_size), "--batch-size", str(scale.train_batch_size)]
-            try:
-                measured = bench_train(arch=arch, loader="resident", image_size=scale.train_image_size,
-                                       batch_size=scale.train_batch_size, steps=scale.steps, repeats=scale.repeats,
-                                       warmup=3, compile=compiled, precision=scale.precision, shards=shards,
-                                       argv=argv + (["--compile"] if compiled else []))
-                out.add(key, measured)
-            except Exception as error:  # one arch failing must not lose the others
-                failures.append(f"{key}: {one_line(error)}")
-                out.add(key, {"status": "failed", "reason": one_line(error)})
-            _reset_compiler()
+    for arch, compiled in efficiency_runs(scale, compile):
+        key = f"{arch} {'compiled' if compiled else 'eager'}"
+        argv = ["train", "--arch", arch, "--loader", "resident", "--shards", str(shards), "--precision",
+                scale.precision, "--steps", str(scale.steps), "--repeats", str(scale.repeats)]
+        if scale.train_image_size:
+            argv += ["--image-size", str(scale.train_image_size), "--batch-size", str(scale.train_batch_size)]
+        try:
+            measured = bench_train(arch=arch, loader="resident", image_size=scale.train_image_size,
+                                   batch_size=scale.train_batch_size, steps=scale.steps, repeats=scale.repeats,
+                                   warmup=3, compile=compiled, precision=scale.precision, shards=shards,
+                                   argv=argv + (["--compile"] if compiled else []))
+            out.add(key, measured)
+        except Exception as error:  # one arch failing must not lose the others
+            failures.append(f"{key}: {one_line(error)}")
+            out.add(key, {"status": "failed", "reason": one_line(error)})
+        _reset_compiler()
     if not scale.compile or not compile:
         out.part.reason = "compiled runs skipped: " + ("--no-compile (no C compiler or Python headers)"
                                                        if scale.compile else "tiny settings run eager only")
@@ -367,6 +391,15 @@ def part_efficiency(out: PartWriter, scale: Scale, work: Path, compile: bool) ->
         out.finish("failed", "; ".join(failures))
     else:
         out.finish("ok", out.part.reason)
+
+
+def efficiency_runs(scale: Scale, compile: bool) -> list[tuple[str, bool]]:
+    """(arch, compiled) in order: every arch eager, then the compiled ones while time is left.
+    Only `compiled_archs` compile: each compile takes a minute or more of the part's budget."""
+    eager = [(arch, False) for arch in scale.efficiency_archs]
+    if not (scale.compile and compile):
+        return eager
+    return eager + [(arch, True) for arch in scale.efficiency_archs if arch in scale.compiled_archs]
 
 
 def _reset_compiler() -> None:
@@ -395,14 +428,25 @@ def part_dali(out: PartWriter, scale: Scale, work: Path, compile: bool) -> None:
         return
     rows, settings = ctx["rows"], ctx["settings"]
     order = np.random.default_rng(0).permutation(len(rows))[: 4 * scale.batch_size]
-    batches = {kind: torch.cat(list(make_loader(kind, rows, ctx["shards"], settings, device=ctx["device"],
-                                                batch_size=scale.batch_size).eval_batches(order)))
-               for kind in ("resident", "dali")}
-    difference = (batches["resident"] - batches["dali"]).abs()
-    levels = {"max": round(float(difference.max()) / GREY_LEVEL, 3), "mean": round(float(difference.mean()) / GREY_LEVEL, 4)}
-    out.add("eval_batches_difference_grey_levels", levels)
-    if levels["max"] > 1.0 + 1e-3:
-        out.finish("failed", f"DALI and resident evaluation batches differ by {levels['max']} grey levels (> 1)")
+    loaders = {kind: make_loader(kind, rows, ctx["shards"], settings, device=ctx["device"], batch_size=scale.batch_size,
+                                 seed=0) for kind in ("resident", "dali")}
+    # Evaluation: the same resize and centre crop, so within one grey level everywhere. Training:
+    # the same augmentation draws (seed, epoch, batch), resampled by another kernel, so within
+    # one grey level on average (edges of the random crops may differ more).
+    checks = {"eval_batches": (lambda loader: loader.eval_batches(order), "max"),
+              "train_batches": (lambda loader: loader.train_batches(order, epoch=0), "mean")}
+    for name, (batches_of, bound) in checks.items():
+        batches = {kind: torch.cat(list(batches_of(loader))) for kind, loader in loaders.items()}
+        levels = grey_level_difference(batches["resident"], batches["dali"])
+        out.add(f"{name}_difference_grey_levels", levels)
+        if levels[bound] > 1.0 + 1e-3:
+            return out.finish("failed", f"DALI and resident {name.replace('_', ' ')} differ by {levels[bound]} grey "
+                                        f"levels ({bound}; > 1)")
+
+
+def grey_level_difference(first, second) -> dict[str, float]:
+    difference = (first - second).abs()
+    return {"max": round(float(difference.max()) / GREY_LEVEL, 3), "mean": round(float(difference.mean()) / GREY_LEVEL, 4)}
 
 
 def part_memory(out: PartWriter, scale: Scale, work: Path, compile: bool) -> None:

@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import socket
 import statistics
 import subprocess
@@ -23,25 +24,44 @@ from cxr_fast.loading.workers import usable_cores  # re-exported for the bench m
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-def start_logged(command: list[str], log: Path, *, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_logged(command: list[str], log: Path, *, env: dict[str, str] | None = None,
+                 own_group: bool = False) -> subprocess.Popen:
     """Start a child with its output in `log` (a file, not a pipe: a child nobody reads from
-    cannot block on a full pipe), W&B off, unbuffered, this project first on its import path."""
+    cannot block on a full pipe), W&B off, unbuffered, this project first on its import path.
+    With `own_group` the child leads a new process group, which `wait_or_kill` ends as a whole:
+    the processes it starts itself (without own_group) stay in that group."""
     log.parent.mkdir(parents=True, exist_ok=True)
     child_env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
                  "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
                  **(env or {})}
     with open(log, "w") as output:
-        return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=child_env)
+        return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=child_env,
+                                start_new_session=own_group)
 
 
 def wait_or_kill(process: subprocess.Popen, timeout: float) -> int | None:
-    """The child's exit status, or None when it ran past `timeout` seconds and was killed."""
+    """The child's exit status, or None when it ran past `timeout` seconds and was killed, with
+    its process group when it leads one (a training run it started must not keep the GPU busy)."""
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        kill_group(process)
         return None
+    except KeyboardInterrupt:  # its own session does not get the terminal's Ctrl-C
+        kill_group(process)
+        raise
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL to `process`, and to its group when it leads one (start_logged's own_group); then reap it."""
+    try:
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
+    except ProcessLookupError:  # already gone
+        pass
+    process.wait()
 
 
 def training_device() -> torch.device:

@@ -6,9 +6,10 @@ labels, sex, age, race, patient-level split) and returns a `Cohort`: one row per
 (`Cohort.exclusions`, columns `key, reason`). No image is opened here; the sharding tool does
 that and adds its own `unreadable` exclusions.
 
-Each rule is a small pure function (`select_views`, `task_labels`, `sex_code`, `clean_age`,
-`age_group`, `race_group`, `subject_race`, `patient_split`) so it can be tested alone; the
-per-source readers only find columns and glue the rules together. Everything is vectorised:
+Each rule is a small pure function in `cohort_rules.py` (`select_views`, `task_labels`,
+`sex_code`, `clean_age`, `race_group`, `subject_race`, `patient_split`; `age_group` in
+schema.py) so it can be tested alone; the per-source readers here only find columns and glue
+the rules together. Everything is vectorised:
 a 223k-row CheXpert train.csv takes a few seconds.
 
 Decisions where DATA_SPEC.md is silent
@@ -79,13 +80,15 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from cxr_fast.data.cohort_rules import (UNCERTAIN_POLICIES, check_choice, clean_age, mimic_age,
+                                        official_split, parse_age, patient_split, race_column, select_views,
+                                        sex_code, shown_value, subject_race, task_labels)
 from cxr_fast.errors import CxrError
 from cxr_fast.io import read_table
-from cxr_fast.schema import SPLITS, UNKNOWN, age_group
+from cxr_fast.schema import UNKNOWN, age_group
 from cxr_fast.tasks import TASK_COLUMNS, TASKS
 
 SOURCES = ("mimic", "chexpert", "nih")
-UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
 SPLIT_METHODS = ("random", "official")
 
 FRAME_COLUMNS: tuple[str, ...] = (
@@ -96,30 +99,8 @@ EXCLUSION_COLUMNS = ("key", "reason")
 # In the order the filters apply (see the module docstring); the sharding tool adds `unreadable`.
 EXCLUSION_REASONS = ("view", "bad_path", "no_labels", "no_split", "duplicate_key")
 
-# The value an uncertain (-1) label takes under each --uncertain policy.
-UNCERTAIN_VALUE = {"ignore": np.nan, "zeros": 0.0, "ones": 1.0}
 # Every source column any task reads, once, in a stable order.
 LABEL_COLUMNS: tuple[str, ...] = tuple(dict.fromkeys(c for columns in TASK_COLUMNS.values() for c in columns))
-
-PLAUSIBLE_AGE = (0.0, 120.0)
-
-# Upper-cased prefix -> group; the first matching prefix wins, no match -> "Other".
-RACE_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("WHITE", "White"),
-    ("PORTUGUESE", "White"),
-    ("BLACK", "Black"),
-    ("ASIAN", "Asian"),
-    ("HISPANIC", "Hispanic/Latino"),
-    ("LATINO", "Hispanic/Latino"),
-    ("SOUTH AMERICAN", "Hispanic/Latino"),
-    ("UNKNOWN", UNKNOWN),
-    ("UNABLE TO OBTAIN", UNKNOWN),
-    ("PATIENT DECLINED", UNKNOWN),
-)
-OTHER_RACE = "Other"
-
-SEX_CODES = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}
-SPLIT_NAMES = {"train": "train", "validate": "val", "val": "val", "test": "test"}
 
 MIMIC_TABLES = {
     "metadata": "mimic-cxr-2.0.0-metadata",
@@ -131,17 +112,6 @@ DEFAULT_VIEWS = {"mimic": ("PA", "AP"), "chexpert": ("Frontal",), "nih": ("PA", 
 
 
 # ------------------------------------------------------------------------------ public types
-# (the two message helpers come first: `CohortOptions()` is built at import, as a default)
-
-
-def _shown(value: object) -> str:
-    """A cell value as the user would write it (numpy scalars as plain numbers)."""
-    return repr(value.item() if isinstance(value, np.generic) else value)
-
-
-def _check_choice(option: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise CxrError(f"{option}: unknown value {value!r}; choose one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -158,8 +128,8 @@ class CohortOptions:
             if not views or not all(views):
                 raise CxrError(f"--views needs a comma-separated list of view names, got {self.views!r}")
             object.__setattr__(self, "views", views)
-        _check_choice("--uncertain", self.uncertain, UNCERTAIN_POLICIES)
-        _check_choice("--split", self.split, SPLIT_METHODS)
+        check_choice("--uncertain", self.uncertain, UNCERTAIN_POLICIES)
+        check_choice("--split", self.split, SPLIT_METHODS)
         seed = self.split_seed
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise CxrError(f"--split-seed must be an integer >= 0, got {self.split_seed!r}")
@@ -187,7 +157,7 @@ def build_cohort(
     options: CohortOptions = CohortOptions(),
 ) -> Cohort:
     """Read one source and apply the cohort rules; see the module docstring."""
-    _check_choice("--source", source, SOURCES)
+    check_choice("--source", source, SOURCES)
     if options.split == "official" and source != "mimic":
         raise CxrError(f"--split official needs --source mimic (only MIMIC-CXR ships an official split), got {source}")
     if source == "mimic":
@@ -234,171 +204,6 @@ def _comma_list(text: str) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------ rules
-
-
-def select_views(values: pd.Series, views: Iterable[str]) -> pd.Series:
-    """True where the view is one of `views` (case-insensitive, blanks around ignored)."""
-    wanted = {view.strip().upper() for view in views}
-    return _upper(values).isin(wanted)
-
-
-def task_labels(labels: pd.DataFrame, policy: str = "ignore") -> pd.DataFrame:
-    """The six task columns (float32 1.0/0.0/NaN, TASKS order) from CheXpert-style label columns.
-
-    Per task: any source column 1 -> 1; else any -1 -> the policy's value; else (0 or blank) 0.
-    For a single column this is exactly the per-task rule; for `pneumonia` it is the union
-    rule (positive wins over uncertain, uncertain over blank/negative). A task none of whose
-    columns is present is NaN (a source that does not label it).
-    """
-    _check_choice("--uncertain", policy, UNCERTAIN_POLICIES)
-    tasks = {}
-    for task in TASKS:
-        columns = [column for column in TASK_COLUMNS[task] if column in labels.columns]
-        if not columns:
-            tasks[task] = np.full(len(labels), np.nan, dtype=np.float32)
-            continue
-        values = np.column_stack([_numbers(labels[column]).to_numpy() for column in columns])
-        positive = (values == 1.0).any(axis=1)
-        uncertain = (values == -1.0).any(axis=1)
-        tasks[task] = np.where(positive, 1.0, np.where(uncertain, UNCERTAIN_VALUE[policy], 0.0)).astype(np.float32)
-    return pd.DataFrame(tasks, index=labels.index)
-
-
-def sex_code(values: pd.Series) -> pd.Series:
-    """`M`, `F` or `Unknown` from M/Male/F/Female in any case."""
-    return _upper(values).map(SEX_CODES).fillna(UNKNOWN).astype(str)
-
-
-def parse_age(values: pd.Series) -> pd.Series:
-    """Ages as float64; accepts numbers and NIH's old `058Y` strings; anything else NaN."""
-    if pd.api.types.is_numeric_dtype(values):
-        return values.astype(np.float64)
-    text = values.astype("string").str.strip().str.rstrip("Yy")
-    return pd.to_numeric(text, errors="coerce").astype(np.float64)
-
-
-def clean_age(age: pd.Series) -> pd.Series:
-    """NaN for ages outside 0-120 years (data-entry errors, e.g. NIH's 414)."""
-    low, high = PLAUSIBLE_AGE
-    return age.astype(np.float64).where(age.between(low, high))
-
-
-def mimic_age(anchor_age: pd.Series, anchor_year: pd.Series, study_date: pd.Series) -> pd.Series:
-    """Age at the study: anchor_age + (year(StudyDate) - anchor_year); StudyDate is YYYYMMDD."""
-    study_year = np.floor(_numbers(study_date) / 10_000)
-    return _numbers(anchor_age) + study_year - _numbers(anchor_year)
-
-
-def race_group(value: object) -> str:
-    """Map one MIMIC-IV race/ethnicity value to a group by upper-cased prefix; blank -> Unknown."""
-    if not isinstance(value, str) or not value.strip():
-        return UNKNOWN
-    text = value.strip().upper()
-    for prefix, group in RACE_PREFIXES:
-        if text.startswith(prefix):
-            return group
-    return OTHER_RACE
-
-
-def race_column(admissions: pd.DataFrame) -> str | None:
-    """`race` (MIMIC-IV 2.x) or `ethnicity` (MIMIC-IV 1.0)."""
-    return next((column for column in ("race", "ethnicity") if column in admissions.columns), None)
-
-
-def subject_race(admissions: pd.DataFrame) -> pd.Series:
-    """Race group per subject (index subject_id, sorted) from MIMIC-IV admissions.
-
-    The most frequent non-Unknown group; ties go to the tied group with the earliest
-    admittime; subjects with only unknown values are `Unknown`.
-    """
-    column = race_column(admissions)
-    if column is None:
-        raise CxrError("admissions: missing column 'race' (or 'ethnicity')")
-    raw = admissions[column].astype(object).where(admissions[column].notna(), "")
-    # Map the few distinct values, not every admission.
-    groups = raw.map({value: race_group(value) for value in pd.unique(raw)})
-    table = pd.DataFrame({
-        "subject_id": admissions["subject_id"].to_numpy(),
-        "group": groups.to_numpy(),
-        "admittime": pd.to_datetime(admissions["admittime"], errors="coerce", format="ISO8601").to_numpy(),
-    })
-    subjects = np.sort(table["subject_id"].unique())
-    votes = (
-        table[table["group"] != UNKNOWN]
-        .groupby(["subject_id", "group"], sort=False)
-        .agg(count=("group", "size"), first=("admittime", "min"))
-        .reset_index()
-        .sort_values(["subject_id", "count", "first", "group"], ascending=[True, False, True, True],
-                     na_position="last", kind="stable")
-    )
-    winners = votes.drop_duplicates("subject_id").set_index("subject_id")["group"]
-    return winners.reindex(subjects, fill_value=UNKNOWN).astype(str).rename("race").rename_axis("subject_id")
-
-
-def patient_split(
-    frame: pd.DataFrame, *, seed: int, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
-) -> pd.Series:
-    """`train`/`val`/`test` per row of `frame` (needs `subject_id` and the task columns).
-
-    Patient-level: all images of a subject share a split. The split keeps three kinds of
-    counts at `fractions`: images, and each task's positives and negatives (both, so each
-    task's prevalence among its labelled images matches across splits; NaN labels count in
-    neither). Subjects go one at a time, largest first (ties in an order shuffled by `seed`,
-    so another seed gives another split), each to the split that leaves every count closest
-    to its share of what has been placed so far. Large subjects first and small ones last
-    is the bin-packing habit: the last, small subjects fine-tune the totals.
-    """
-    targets = np.asarray(fractions, dtype=np.float64)
-    if targets.shape != (3,) or (targets <= 0).any() or abs(targets.sum() - 1.0) > 1e-6:
-        raise CxrError(f"split fractions must be three positive numbers summing to 1, got {fractions}")
-    subjects = frame["subject_id"]
-    counts = {"images": np.ones(len(frame))}
-    for task in (task for task in TASKS if task in frame.columns):
-        values = frame[task].to_numpy(np.float64)
-        counts[f"{task}+"] = values == 1.0
-        counts[f"{task}-"] = values == 0.0
-    per_subject = pd.DataFrame(counts, index=frame.index).astype(np.float64).groupby(subjects, sort=True).sum()
-    chosen = _assign_subjects(per_subject.to_numpy(), targets, np.random.default_rng(seed))
-    by_subject = pd.Series(np.asarray(SPLITS, dtype=object)[chosen], index=per_subject.index)
-    return subjects.map(by_subject).astype(str).rename("split")
-
-
-def _assign_subjects(counts: np.ndarray, fractions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Split index per subject from `counts` [subjects, quantities] (column 0 = images)."""
-    n_subjects = len(counts)
-    order = rng.permutation(n_subjects)
-    order = order[np.argsort(-counts[order, 0], kind="stable")]
-    # deviation[j, q]: amount of quantity q placed in split j minus split j's share f_j of
-    # all placed. The cost is sum_jq w_jq deviation_jq^2, with w relative to each split's final
-    # target (so a rare task's positives weigh as much as the image count). Placing a subject
-    # with counts x moves every split by -f_j x and the chosen split b by +x as well; only b's
-    # term depends on the choice (the rest is the same for every b), and it grows by
-    #   2 deviation_b.(w_b x) + (1 - 2 f_b) sum_q w_bq x_q^2.
-    # The per-subject parts are precomputed, so the loop is one small product per subject.
-    totals = np.maximum(counts.sum(axis=0), 1.0)
-    weight = 1.0 / (fractions[:, None] * totals[None, :]) ** 2
-    weighted = counts[:, None, :] * weight[None]  # [subjects, 3, quantities]
-    constant = (weighted * counts[:, None, :]).sum(axis=2) * (1.0 - 2.0 * fractions)[None]
-    share = fractions[:, None]
-    deviation = np.zeros((3, counts.shape[1]))
-    chosen = np.empty(n_subjects, dtype=np.int64)
-    for subject in order:
-        best = int(np.argmin(2.0 * np.einsum("jq,jq->j", deviation, weighted[subject]) + constant[subject]))
-        deviation -= share * counts[subject]
-        deviation[best] += counts[subject]
-        chosen[subject] = best
-    return chosen
-
-
-def official_split(dicom_ids: pd.Series, split_table: pd.DataFrame, path: Path) -> pd.Series:
-    """MIMIC's split per image (`train`/`val`/`test`), NaN where the split CSV lacks it."""
-    names = _lower(split_table["split"]).map(SPLIT_NAMES)
-    if names.isna().any():
-        bad = split_table["split"][names.isna()].iloc[0]
-        raise CxrError(f"{path}: unknown split value {_shown(bad)}; expected train, validate or test")
-    by_dicom = pd.Series(names.to_numpy(), index=split_table["dicom_id"].astype(str).to_numpy())
-    by_dicom = by_dicom[~by_dicom.index.duplicated()]
-    return dicom_ids.map(by_dicom)
 
 
 # ------------------------------------------------------------------------------ MIMIC-CXR-JPG
@@ -620,7 +425,7 @@ def _integer_ids(table: pd.DataFrame, column: str, path: Path) -> pd.Series:
     values = pd.to_numeric(table[column], errors="coerce")
     bad = values.isna() | (values != np.floor(values))
     if bad.any():
-        shown = _shown(table[column][bad].iloc[0])
+        shown = shown_value(table[column][bad].iloc[0])
         raise CxrError(f"{path}: column {column!r} has a missing or non-integer value {shown}")
     return values.astype(np.int64)
 
@@ -630,7 +435,7 @@ def _check_label_values(table: pd.DataFrame, columns: Iterable[str], path: Path)
         values = pd.to_numeric(table[column], errors="coerce")
         bad = table[column].notna() & ~values.isin([1.0, 0.0, -1.0])
         if bad.any():
-            raise CxrError(f"{path}: column {column!r} has value {_shown(table[column][bad].iloc[0])}; "
+            raise CxrError(f"{path}: column {column!r} has value {shown_value(table[column][bad].iloc[0])}; "
                            "expected 1.0, 0.0, -1.0 or blank")
 
 
@@ -642,18 +447,6 @@ def _safe_key(keys: pd.Series) -> pd.Series:
 def _view_text(values: pd.Series) -> pd.Series:
     text = values.astype("string").str.strip()
     return text.where(text.notna() & (text != ""), UNKNOWN).astype(str)
-
-
-def _numbers(values: pd.Series) -> pd.Series:
-    return pd.to_numeric(values, errors="coerce").astype(np.float64)
-
-
-def _upper(values: pd.Series) -> pd.Series:
-    return values.astype("string").str.strip().str.upper()
-
-
-def _lower(values: pd.Series) -> pd.Series:
-    return values.astype("string").str.strip().str.lower()
 
 
 def _no_reason(length: int) -> pd.Series:

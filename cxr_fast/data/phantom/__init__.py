@@ -33,7 +33,7 @@ Population (`sample_tables`, no pixels involved)
     subjects have no admission, 1 % are missing from patients.csv, and 10 % extra MIMIC-IV
     subjects have no chest X-ray at all (as in the real MIMIC-IV).
   - Race and age group per image are derived with the cohort builder's own functions
-    (`cxr_fast.data.cohort.subject_race`, `mimic_age`, `age_group`), so the planted groups
+    (`cxr_fast.data.cohort_rules.subject_race`, `mimic_age`, `age_group`), so the planted groups
     are exactly the groups the cohort reports.
 
 Drawing (`draw_radiograph`)

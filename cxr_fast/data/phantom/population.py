@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from cxr_fast.data.cohort import mimic_age, subject_race
+from cxr_fast.data.cohort_rules import mimic_age, subject_race
 from cxr_fast.errors import require_int
 from cxr_fast.schema import age_group
 from cxr_fast.tasks import CHEXPERT_LABELS
