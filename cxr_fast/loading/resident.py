@@ -1,8 +1,14 @@
-"""The `resident` loader: decode a split once into a uint8 tensor on the training device.
+"""The `resident` loader: a split as one uint8 tensor on the training device.
 
-Each batch is then an index gather plus batched augmentation on the device: no per-epoch
-decode, no worker processes, no host->device copies after start-up. MIMIC-CXR at 256 px is
-~5 GB of uint8, a fraction of an H100.
+The tensor is filled from the decoded cache (loading/decoded.py: decoded once per shard set
+and load size, then read by every run), or decoded here with decode_to_square when
+decoded_cache=off. Each batch is then an index gather plus batched augmentation on the
+device: no per-epoch decode, no worker processes, no host->device copies after start-up.
+
+Per-GPU memory is rows x L x L bytes. MIMIC-CXR's ~240k frontal images give a train+val
+split of ~192k (80 %): 12.6 GB at 256 px (224 px models), 38.5 GB at 448 px; a 384 px model
+loads 439 px, 37.0 GB. 256 px fits an H100 beside any study model; 448 px often does not,
+and `loader=auto` then keeps the split on the host (loading/host.py).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from cxr_fast.loading.augment import (
     eval_transform,
     train_transform,
 )
+from cxr_fast.loading.decoded import HostImages, host_images
 from cxr_fast.loading.payloads import read_payloads
 from cxr_fast.loading.workers import decode_threads
 
@@ -97,14 +104,19 @@ class ResidentLoader:
     name = "resident"
 
     def __init__(self, rows: pd.DataFrame, shards_dir: Path, settings: AugmentSettings, *,
-                 device: torch.device, batch_size: int, seed: int = 0, rank: int = 0, threads: int = 0, mode: str | None = None):
+                 device: torch.device, batch_size: int, seed: int = 0, rank: int = 0, threads: int = 0,
+                 mode: str | None = None, cache: str = "on"):
         self.settings = settings
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank  # augmentation draws differ per process
         self.mode = mode or default_mode(self.device)
-        self.images = decode_to_square(read_payloads(rows, shards_dir), settings.load_size, self.device, threads)
+        if cache == "off":
+            self.images = decode_to_square(read_payloads(rows, shards_dir), settings.load_size, self.device, threads)
+        else:
+            self.images = to_device(host_images(rows, shards_dir, settings.load_size, device=self.device,
+                                                threads=threads, cache=cache), self.device)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -122,6 +134,12 @@ class ResidentLoader:
         for start in range(0, len(index), self.batch_size):
             yield eval_transform(self.images.index_select(0, index[start:start + self.batch_size]), self.settings)
 
-    @staticmethod
-    def bytes_needed(rows: int, settings: AugmentSettings) -> int:
-        return rows * settings.load_size ** 2
+
+def to_device(images: HostImages, device: torch.device, chunk_rows: int = 4096) -> torch.Tensor:
+    """The split as one tensor on `device`, copied a chunk at a time (no second full host copy)."""
+    size = images.load_size
+    out = torch.empty((len(images), 1, size, size), dtype=torch.uint8, device=device)
+    for start in range(0, len(images), chunk_rows):
+        stop = min(start + chunk_rows, len(images))
+        out[start:stop].copy_(torch.from_numpy(images.gather(np.arange(start, stop))))
+    return out
