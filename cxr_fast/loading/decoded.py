@@ -300,10 +300,12 @@ class HostImages:
 def host_images(rows: pd.DataFrame, shards_dir: Path, load_size: int, *, device, threads: int = 0,
                 cache: str = "on") -> HostImages:
     """`rows` decoded at `load_size`: mapped from the decoded cache (cache `on`/`verify`), or
-    decoded in memory for this run (cache `off`, or a folder that cannot hold a cache)."""
+    decoded in memory for this run (cache `off`, a folder that cannot hold a cache, or rows
+    read by offset from a folder without a manifest, which a cache could not name)."""
     from cxr_fast.loading.payloads import read_manifest
+    from cxr_fast.schema import MANIFEST_FILE
 
-    if cache != "off":
+    if cache != "off" and (Path(shards_dir) / MANIFEST_FILE).is_file():
         manifest = read_manifest(shards_dir)
         source = cached_images(manifest, shards_dir, load_size, device=device, threads=threads,
                                verify=cache == "verify")
