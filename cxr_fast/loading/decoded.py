@@ -42,8 +42,8 @@ FORMAT_VERSION = 1
 RESIZE_RULE = "short-side-bilinear-antialias-round-centre-crop"
 MAGIC = b"CXRDEC\x00\x01"
 ALIGN = 4096
-BLOCK_BYTES = 16 << 20       # one CRC-32 per ~16 MiB of rows
-BUILD_BLOCKS = 8             # blocks decoded per step of a build (bounds its memory)
+BLOCK_BYTES = 1 << 20        # one CRC-32 per ~1 MiB of rows: an open reads a few MiB to check
+BUILD_ROWS = 2048             # rows decoded per step of a build (bounds its memory)
 SAMPLED_BLOCKS = 4           # blocks checked on every open besides size and header
 LOCK_POLL_SECONDS = 2.0
 CACHE_FOLDER = "decoded"
@@ -157,7 +157,7 @@ def decode_into(target: np.ndarray, rows: pd.DataFrame, shards_dir: Path, load_s
     from cxr_fast.loading.payloads import read_payloads
     from cxr_fast.loading.resident import decode_to_square
 
-    step = block_rows(load_size) * BUILD_BLOCKS
+    step = block_rows(load_size) * max(1, BUILD_ROWS // block_rows(load_size))  # whole blocks per step
     for start in range(0, len(rows), step):
         chunk = rows.iloc[start:start + step]
         images = decode_to_square(read_payloads(chunk, shards_dir), load_size, device, threads).cpu().numpy()
@@ -294,7 +294,9 @@ class HostImages:
 
     def gather(self, indices, out: np.ndarray | None = None) -> np.ndarray:
         """uint8 [len(indices), 1, L, L]: the rows `indices` of the split (into `out` if given)."""
-        return np.take(self.source, self.positions[np.asarray(indices, dtype=np.int64)], axis=0, out=out)
+        # mode="clip": with `out`, the default mode="raise" gathers through a buffer (a second
+        # copy); positions are valid by construction (host_images checks them).
+        return np.take(self.source, self.positions[np.asarray(indices, dtype=np.int64)], axis=0, out=out, mode="clip")
 
 
 def host_images(rows: pd.DataFrame, shards_dir: Path, load_size: int, *, device, threads: int = 0,

@@ -136,9 +136,13 @@ class ResidentLoader:
 
 
 def to_device(images: HostImages, device: torch.device, chunk_rows: int = 4096) -> torch.Tensor:
-    """The split as one tensor on `device`, copied a chunk at a time (no second full host copy)."""
+    """The split as one tensor on `device`: on a CPU gathered straight into it (one copy), on a
+    GPU a chunk at a time through host memory (no second full host copy)."""
     size = images.load_size
     out = torch.empty((len(images), 1, size, size), dtype=torch.uint8, device=device)
+    if device.type == "cpu":
+        images.gather(np.arange(len(images)), out=out.numpy())
+        return out
     for start in range(0, len(images), chunk_rows):
         stop = min(start + chunk_rows, len(images))
         out[start:stop].copy_(torch.from_numpy(images.gather(np.arange(start, stop))))
