@@ -189,6 +189,16 @@ def test_a_folder_that_cannot_hold_a_cache_is_decoded_in_memory(shards, monkeypa
     assert len(loader) == 10 and "decoding in memory" in capsys.readouterr().err
 
 
+def test_a_shard_that_cannot_be_read_fails_the_build_and_leaves_no_cache(shards, capsys):
+    rows = train_rows(shards)
+    shard = shards / rows["shard"].iloc[-1]
+    os.truncate(shard, 1000)
+    with pytest.raises(CxrError, match="truncated shard"):
+        make_loader("resident", rows, shards, SETTINGS, device=CPU, batch_size=8)
+    assert "decoding in memory" not in capsys.readouterr().err  # a bad shard is not a full disk
+    assert not [path for path in (shards / "decoded").iterdir()]  # no cache, no temporary
+
+
 # ------------------------------------------------------------------ host = resident, batch for batch
 
 

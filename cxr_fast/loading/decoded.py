@@ -53,6 +53,10 @@ class CacheInvalid(Exception):
     """A cache file that must not be read (why, in one line)."""
 
 
+class CacheUnwritable(Exception):
+    """The shard folder cannot take a cache (read-only, full): the run decodes in memory."""
+
+
 def cache_digest(manifest: pd.DataFrame, shards_dir: Path, load_size: int) -> str:
     """16 hex digits of sha256 over what decides the cache's bytes."""
     import hashlib
@@ -239,20 +243,28 @@ def cached_images(manifest: pd.DataFrame, shards_dir: Path, load_size: int, *, d
                     problem = str(error)
             if problem:
                 print(f"{path}: {problem}; rebuilding it", file=sys.stderr, flush=True)
-            if path.parent.is_dir():  # a build killed mid-write (we hold the lock: nobody writes now)
-                remove_stale_temporaries(path.parent)
-            started = time.perf_counter()
-            build_cache(path, manifest, shards_dir, load_size, digest=digest, device=device, threads=threads)
-            remove_superseded(path)
-            print(f"{path}: decoded {len(manifest)} images once for every later run "
-                  f"({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
-    except (OSError, CxrError) as error:
-        if isinstance(error, LockHeld):
-            raise
-        print(f"{shards_dir}: cannot write the decoded cache ({one_line(error, 120)}); decoding in memory "
-              "for this run", file=sys.stderr, flush=True)
+            build_under_lock(path, manifest, shards_dir, load_size, digest=digest, device=device, threads=threads)
+    except CacheUnwritable as error:
+        print(f"{shards_dir}: cannot write the decoded cache ({error}); decoding in memory for this run",
+              file=sys.stderr, flush=True)
         return None
     return open_cache(path, **arguments)
+
+
+def build_under_lock(path: Path, manifest: pd.DataFrame, shards_dir: Path, load_size: int, *, digest: str, device,
+                     threads: int) -> None:
+    """Build the cache (the caller holds the lock); a write that fails is CacheUnwritable, a
+    shard that cannot be read stays the error it is."""
+    started = time.perf_counter()
+    try:
+        if path.parent.is_dir():  # a build killed mid-write (we hold the lock: nobody writes now)
+            remove_stale_temporaries(path.parent)
+        build_cache(path, manifest, shards_dir, load_size, digest=digest, device=device, threads=threads)
+        remove_superseded(path)
+    except OSError as error:
+        raise CacheUnwritable(one_line(error, 120)) from error
+    print(f"{path}: decoded {len(manifest)} images once for every later run "
+          f"({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
 
 
 def wait_for_lock(folder: Path, stack: contextlib.ExitStack) -> None:
@@ -269,6 +281,8 @@ def wait_for_lock(folder: Path, stack: contextlib.ExitStack) -> None:
                       file=sys.stderr, flush=True)
                 announced = True
             wait_a_moment()
+        except CxrError as error:  # the folder cannot be written (exclusive_lock's one line)
+            raise CacheUnwritable(one_line(error, 120)) from error
 
 
 def wait_a_moment() -> None:
