@@ -109,7 +109,8 @@ def choose_loader(requested: str, *, n_images: int, settings: AugmentSettings, b
         return "dali"
     raise CxrError(f"loader=auto: {n_images} images at {settings.load_size} px need {gigabytes(needed)} decoded, "
                    f"more than the device budget ({gigabytes(budget)}) and the host's available memory "
-                   f"({gigabytes(host)}); {dali_install_hint()} to stream them, or lower image_size")
+                   f"({gigabytes(host)}), and DALI, which streams them, is not installed (on Linux x86_64: "
+                   f"pip install {dali_package()}); or lower image_size")
 
 
 def gigabytes(count: int) -> str:
