@@ -41,6 +41,11 @@ def the_cache(shards):
     return files[0]
 
 
+def stored(loader) -> torch.Tensor:
+    """Every image of a resident loader's split as stored."""
+    return loader.stored(torch.arange(len(loader)))
+
+
 def forbid_decoding(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("decoded although the cache was there")
@@ -57,7 +62,7 @@ def test_the_first_loader_writes_the_cache_and_later_ones_only_read_it(shards, m
     path = the_cache(shards)
     assert path.name.startswith(f"{SETTINGS.load_size}px-")
     fresh = resident.decode_to_square(read_payloads(rows, shards), SETTINGS.load_size, CPU)
-    assert torch.equal(first.images, fresh)  # the cache holds exactly what the decoder gives
+    assert torch.equal(stored(first), fresh)  # the cache holds exactly what the decoder gives
     manifest = read_manifest(shards)
     val = manifest[manifest["split"] == "val"].reset_index(drop=True)
     val_fresh = resident.decode_to_square(read_payloads(val, shards), SETTINGS.load_size, CPU)
@@ -68,7 +73,7 @@ def test_the_first_loader_writes_the_cache_and_later_ones_only_read_it(shards, m
         assert torch.equal(torch.cat(list(again.eval_batches(np.arange(len(rows))))),
                            torch.cat(list(first.eval_batches(np.arange(len(rows))))))
     # The validation split is served by the same file (it holds every manifest row).
-    assert torch.equal(make_loader("resident", val, shards, SETTINGS, device=CPU, batch_size=8).images, val_fresh)
+    assert torch.equal(stored(make_loader("resident", val, shards, SETTINGS, device=CPU, batch_size=8)), val_fresh)
     assert the_cache(shards) == path
 
 
@@ -77,7 +82,7 @@ def test_decoded_cache_off_writes_nothing(shards):
     loader = make_loader("resident", rows, shards, SETTINGS, device=CPU, batch_size=8, cache="off")
     assert len(loader) == 20 and not (shards / "decoded").exists()
     host = make_loader("host", rows, shards, SETTINGS, device=CPU, batch_size=8, cache="off")
-    assert torch.equal(torch.from_numpy(host.images.gather(np.arange(20))), loader.images)
+    assert torch.equal(torch.from_numpy(host.images.gather(np.arange(20))), stored(loader))
     assert not (shards / "decoded").exists()
 
 
@@ -119,11 +124,11 @@ def damage(path, how: str) -> None:
 @pytest.mark.parametrize("how", ["truncated", "corrupt"])
 def test_a_damaged_cache_is_rebuilt_with_one_warning_and_never_read(shards, capsys, how):
     rows = train_rows(shards)
-    good = make_loader("resident", rows, shards, SETTINGS, device=CPU, batch_size=8).images
+    good = stored(make_loader("resident", rows, shards, SETTINGS, device=CPU, batch_size=8))
     path = the_cache(shards)
     damage(path, how)
     capsys.readouterr()
-    rebuilt = make_loader("resident", rows, shards, SETTINGS, device=CPU, batch_size=8).images
+    rebuilt = stored(make_loader("resident", rows, shards, SETTINGS, device=CPU, batch_size=8))
     warnings = [line for line in capsys.readouterr().err.splitlines() if "rebuilding" in line]
     assert len(warnings) == 1 and str(path) in warnings[0]
     assert ("truncated" if how == "truncated" else "checksum") in warnings[0]
@@ -133,7 +138,7 @@ def test_a_damaged_cache_is_rebuilt_with_one_warning_and_never_read(shards, caps
 def test_verify_checks_every_block_an_open_only_samples(shards, monkeypatch, capsys):
     monkeypatch.setattr(decoded, "BLOCK_BYTES", 10 * SETTINGS.load_size ** 2)  # 10 images per block
     rows = train_rows(shards)
-    good = make_loader("resident", rows, shards, SETTINGS, device=CPU, batch_size=8).images
+    good = stored(make_loader("resident", rows, shards, SETTINGS, device=CPU, batch_size=8))
     path = the_cache(shards)
     header = decoded.read_header(open(path, "rb"), path)
     blocks = len(header["block_crc32"])
@@ -145,7 +150,7 @@ def test_verify_checks_every_block_an_open_only_samples(shards, monkeypatch, cap
     capsys.readouterr()
     make_loader("resident", rows, shards, SETTINGS, device=CPU, batch_size=8)
     assert "rebuilding" not in capsys.readouterr().err  # size + header + sampled blocks: a cheap open
-    checked = make_loader("resident", rows, shards, SETTINGS, device=CPU, batch_size=8, cache="verify").images
+    checked = stored(make_loader("resident", rows, shards, SETTINGS, device=CPU, batch_size=8, cache="verify"))
     assert f"block {unsampled} fails its checksum" in capsys.readouterr().err
     assert torch.equal(checked, good)
 

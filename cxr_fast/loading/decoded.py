@@ -117,7 +117,9 @@ def open_cache(path: Path, *, digest: str, load_size: int, rows: int, verify: bo
             check_blocks(handle, header, every=verify)
     except OSError as error:
         raise CacheInvalid(f"cannot read it ({one_line(error)})") from error
-    return np.memmap(path, dtype=np.uint8, mode="r", offset=header["data_offset"],
+    # Copy-on-write: the pages are the shared page cache's as long as nobody writes (nothing
+    # does), and torch takes the array without its warning about read-only memory.
+    return np.memmap(path, dtype=np.uint8, mode="c", offset=header["data_offset"],
                      shape=(rows, 1, load_size, load_size))
 
 

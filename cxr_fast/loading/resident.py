@@ -112,37 +112,45 @@ class ResidentLoader:
         self.seed = seed
         self.rank = rank  # augmentation draws differ per process
         self.mode = mode or default_mode(self.device)
+        self.positions: torch.Tensor | None = None  # split row i is images[positions[i]] (None: images[i])
         if cache == "off":
             self.images = decode_to_square(read_payloads(rows, shards_dir), settings.load_size, self.device, threads)
+            return
+        split = host_images(rows, shards_dir, settings.load_size, device=self.device, threads=threads, cache=cache)
+        if self.device.type == "cpu":
+            # On a CPU the device is the host: the mapped cache is in its memory already, shared
+            # with every other process, and a private copy would cost more than the whole warm
+            # start-up (fresh pages). Rows are looked up through `positions`.
+            self.images, self.positions = torch.from_numpy(split.source), torch.from_numpy(split.positions)
         else:
-            self.images = to_device(host_images(rows, shards_dir, settings.load_size, device=self.device,
-                                                threads=threads, cache=cache), self.device)
+            self.images = to_device(split, self.device)
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.images.shape[0] if self.positions is None else len(self.positions)
+
+    def stored(self, index: torch.Tensor) -> torch.Tensor:
+        """uint8 [len(index), 1, L, L]: the split's rows `index` as stored, before any transform."""
+        return self.images.index_select(0, index if self.positions is None else self.positions[index])
 
     def train_batches(self, indices: np.ndarray, *, epoch: int) -> Iterator[torch.Tensor]:
         """Augmented batches of `indices` (full batches only: a ragged tail would retrace compile)."""
         index = torch.as_tensor(indices, dtype=torch.long, device=self.device)
         for number, start in enumerate(range(0, len(index) - self.batch_size + 1, self.batch_size)):
-            batch = self.images.index_select(0, index[start:start + self.batch_size])
+            batch = self.stored(index[start:start + self.batch_size])
             params = draw_params(self.settings, len(batch), batch_generator(self.seed, epoch, number, self.rank))
             yield train_transform(batch, self.settings, params, mode=self.mode)
 
     def eval_batches(self, indices: np.ndarray) -> Iterator[torch.Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long, device=self.device)
         for start in range(0, len(index), self.batch_size):
-            yield eval_transform(self.images.index_select(0, index[start:start + self.batch_size]), self.settings)
+            yield eval_transform(self.stored(index[start:start + self.batch_size]), self.settings)
 
 
 def to_device(images: HostImages, device: torch.device, chunk_rows: int = 4096) -> torch.Tensor:
-    """The split as one tensor on `device`: on a CPU gathered straight into it (one copy), on a
-    GPU a chunk at a time through host memory (no second full host copy)."""
+    """The split as one tensor on `device`, copied a chunk at a time through host memory (no
+    second full copy of the split on the host)."""
     size = images.load_size
     out = torch.empty((len(images), 1, size, size), dtype=torch.uint8, device=device)
-    if device.type == "cpu":
-        images.gather(np.arange(len(images)), out=out.numpy())
-        return out
     for start in range(0, len(images), chunk_rows):
         stop = min(start + chunk_rows, len(images))
         out[start:stop].copy_(torch.from_numpy(images.gather(np.arange(start, stop))))
