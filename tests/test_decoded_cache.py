@@ -155,6 +155,16 @@ def test_verify_checks_every_block_an_open_only_samples(shards, monkeypatch, cap
     assert torch.equal(checked, good)
 
 
+def test_the_header_has_room_for_a_checksum_per_image(shards, monkeypatch, capsys):
+    monkeypatch.setattr(decoded, "BLOCK_BYTES", 1)  # one block per image: the most checksums there can be
+    rows = train_rows(shards)
+    first = stored(make_loader("resident", rows, shards, SETTINGS, device=CPU, batch_size=8))
+    again = stored(make_loader("resident", rows, shards, SETTINGS, device=CPU, batch_size=8, cache="verify"))
+    assert torch.equal(first, again) and "rebuilding" not in capsys.readouterr().err
+    with open(the_cache(shards), "rb") as handle:
+        assert len(decoded.read_header(handle, the_cache(shards))["block_crc32"]) == len(read_manifest(shards))
+
+
 # ------------------------------------------------------------------ several processes, one build
 
 

@@ -29,6 +29,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -155,60 +156,56 @@ def check_blocks(handle, header: dict, *, every: bool) -> None:
 # ------------------------------------------------------------------ building
 
 
-def decode_into(target: np.ndarray, rows: pd.DataFrame, shards_dir: Path, load_size: int, *, device,
-                threads: int = 0, on_chunk=None) -> None:
-    """Decode `rows` into `target` ([len(rows), 1, L, L] uint8 on the host), a chunk of
-    blocks at a time, with the resident loader's decoder on `device`; `on_chunk(start, array)`
-    sees each chunk (the build's checksums)."""
+def decoded_chunks(rows: pd.DataFrame, shards_dir: Path, load_size: int, *, device,
+                   threads: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, uint8 [n, 1, L, L] on the host) for `rows`, a few thousand rows (whole
+    checksum blocks) at a time, decoded by the resident loader's decoder on `device`."""
     from cxr_fast.loading.payloads import read_payloads
     from cxr_fast.loading.resident import decode_to_square
 
-    step = block_rows(load_size) * max(1, BUILD_ROWS // block_rows(load_size))  # whole blocks per step
+    step = block_rows(load_size) * max(1, BUILD_ROWS // block_rows(load_size))
     for start in range(0, len(rows), step):
         chunk = rows.iloc[start:start + step]
-        images = decode_to_square(read_payloads(chunk, shards_dir), load_size, device, threads).cpu().numpy()
-        target[start:start + len(chunk)] = images
-        if on_chunk is not None:
-            on_chunk(start, images)
+        yield start, decode_to_square(read_payloads(chunk, shards_dir), load_size, device, threads).cpu().numpy()
 
 
 def build_cache(path: Path, manifest: pd.DataFrame, shards_dir: Path, load_size: int, *, digest: str, device,
                 threads: int = 0) -> None:
-    """Write the cache of `manifest`'s rows to a temporary name, then rename it to `path`."""
+    """Write the cache of `manifest`'s rows to a temporary name, then rename it to `path`.
+    Written with pwrite, not through a mapping: a full disk is an OSError, not a SIGBUS."""
     import torch
 
-    rows_per_block = block_rows(load_size)
-    data_bytes = len(manifest) * load_size * load_size
+    rows_per_block, image_bytes = block_rows(load_size), load_size * load_size
     blocks = math.ceil(len(manifest) / rows_per_block)
     crcs = [0] * blocks
-    # Room for the header: its fixed part plus up to 11 characters per block checksum.
+    # Room for the header: its fixed fields, then at most 11 characters per block checksum.
     data_offset = ALIGN * math.ceil((len(MAGIC) + 8 + 1024 + 11 * blocks) / ALIGN)
-
-    def checksum(start: int, images: np.ndarray) -> None:
-        flat = images.reshape(len(images), -1)
-        for offset in range(0, len(images), rows_per_block):
-            crcs[(start + offset) // rows_per_block] = zlib.crc32(flat[offset:offset + rows_per_block])
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            handle.truncate(data_offset + data_bytes)
-        if data_bytes:
-            target = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=data_offset,
-                               shape=(len(manifest), 1, load_size, load_size))
-            decode_into(target, manifest, shards_dir, load_size, device=device, threads=threads, on_chunk=checksum)
-            target.flush()
-            del target
-        device = torch.device(device)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        for start, images in decoded_chunks(manifest, shards_dir, load_size, device=device, threads=threads):
+            flat = images.reshape(len(images), -1)
+            for offset in range(0, len(images), rows_per_block):
+                crcs[(start + offset) // rows_per_block] = zlib.crc32(flat[offset:offset + rows_per_block])
+            write_at(handle.fileno(), flat, data_offset + start * image_bytes)
         header = {"format": FORMAT_VERSION, "digest": digest, "load_size": load_size, "resize_rule": RESIZE_RULE,
-                  "rows": len(manifest), "data_offset": data_offset, "data_bytes": data_bytes,
+                  "rows": len(manifest), "data_offset": data_offset, "data_bytes": len(manifest) * image_bytes,
                   "block_rows": rows_per_block, "block_crc32": crcs,
-                  "decoder": "nvJPEG (cuda)" if device.type == "cuda" else "libjpeg-turbo (cpu)",
+                  "decoder": "nvJPEG (cuda)" if torch.device(device).type == "cuda" else "libjpeg-turbo (cpu)",
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        text = json.dumps(header).encode()
-        with open(tmp, "r+b") as handle:
-            handle.write(MAGIC + struct.pack("<Q", len(text)) + text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(MAGIC) + 8 + len(text) > data_offset:
+            raise AssertionError(f"decoded-cache header of {len(text)} bytes overflows its {data_offset} bytes")
+        write_at(handle.fileno(), MAGIC + struct.pack("<Q", len(text)) + text, 0)
+        handle.truncate(data_offset + len(manifest) * image_bytes)  # an empty manifest: the header alone
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_at(fd: int, data, offset: int) -> None:
+    """All of `data` at `offset` (pwrite may write less than asked)."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def remove_superseded(path: Path) -> None:
@@ -334,5 +331,6 @@ def host_images(rows: pd.DataFrame, shards_dir: Path, load_size: int, *, device,
                 raise CxrError(f"{Path(shards_dir) / 'manifest.parquet'}: no row for image {missing!r}")
             return HostImages(source, positions.astype(np.int64))
     decoded = np.empty((len(rows), 1, load_size, load_size), dtype=np.uint8)
-    decode_into(decoded, rows, shards_dir, load_size, device=device, threads=threads)
+    for start, images in decoded_chunks(rows, shards_dir, load_size, device=device, threads=threads):
+        decoded[start:start + len(images)] = images
     return HostImages(decoded, np.arange(len(rows), dtype=np.int64))
