@@ -21,8 +21,8 @@ def test_decode_threads_are_this_processes_share_of_its_cores(monkeypatch, cores
     assert workers.decode_threads(5) == 5  # an explicit setting wins
 
 
-@pytest.mark.parametrize("machine, mask, local_ranks, expected", [(16, 2, 8, 2), (192, 24, 8, workers.MAX_DECODE_THREADS),
-                                                                   (64, 6, 8, 6)])
+@pytest.mark.parametrize("machine, mask, local_ranks, expected",
+                         [(16, 2, 8, 2), (192, 24, 8, workers.MAX_DECODE_THREADS), (64, 6, 8, 6)])
 def test_a_process_bound_to_its_own_cores_uses_all_of_them(monkeypatch, machine, mask, local_ranks, expected):
     # accelerate launch --enable_cpu_affinity gives each rank its own cores: dividing those by the
     # ranks again would leave one thread (16 cores, 8 ranks: 2 cores each -> 2 // 8 -> 1).

@@ -257,7 +257,7 @@ DESCRIPTIONS = {
     "dali-stock": "DALI fn.readers.webdataset + decoders.image_random_crop/resize/rotate/brightness_contrast/crop_mirror_normalize",
     "dali": "cxr_fast DaliLoader: external_source by manifest offset, DALI decode + augment with augment.py's draws",
     "resident": "cxr_fast ResidentLoader: decoded once to the device, batched gather + augmentation there",
-    "host": "cxr_fast HostLoader: the mapped decoded cache on the host, each batch gathered, copied, augmented on the device",
+    "host": "cxr_fast HostLoader: the mapped decoded cache on the host; each batch gathered, sent to the device, augmented",
 }
 
 
