@@ -44,6 +44,7 @@ def age_group(age: pd.Series) -> pd.Series:
 # ------------------------------------------------------------------ shards/manifest.parquet
 
 MANIFEST_FILE = "manifest.parquet"
+DECODED_CACHE_FOLDER = "decoded"  # <shards>/decoded/<load>px-<digest>.u8: loading/decoded.py
 # Where an image's JPEG bytes are: shard file name, byte offset and length inside it.
 PAYLOAD_COLUMNS: tuple[str, ...] = ("shard", "offset", "nbytes")
 # What the sharding tool adds to each cohort row (DATA_SPEC.md); height/width of the stored JPEG.

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import shard_arguments
+
 from cxr_fast import loading
 from cxr_fast.errors import CxrError
 from cxr_fast.loading import choose_loader, choose_loader_for_all, make_loader
@@ -103,6 +105,15 @@ def test_the_name_changes_with_everything_that_decides_the_bytes(shards):
         patch.setattr(decoded, "RESIZE_RULE", "another rule")
         (shards / "meta.json").write_text(meta)
         assert decoded.cache_digest(manifest, shards, 73) != digest            # another resize rule
+
+
+def test_resharding_with_other_contents_deletes_the_stale_caches(phantom_root, shards):
+    from cxr_fast.data import shard_dataset
+
+    make_loader("resident", train_rows(shards).head(8), shards, SETTINGS, device=CPU, batch_size=8)
+    assert the_cache(shards).is_file()
+    assert shard_dataset.main(shard_arguments(phantom_root, shards, "--limit", "100")) == 0
+    assert not (shards / "decoded").exists()  # its images came from shards that are gone
 
 
 # ------------------------------------------------------------------ damage is found and repaired

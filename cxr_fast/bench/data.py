@@ -331,7 +331,7 @@ def measure_startup(ctx: dict, *, repeats: int, command: str) -> StartupResult:
     cache deleted first (cold: decode + write) and `repeats` times with it present (warm: map +
     copy). Deletes only this shard set's cache file at this load size, which it rebuilds."""
     from cxr_fast.loading import make_loader
-    from cxr_fast.loading.decoded import CACHE_FOLDER
+    from cxr_fast.schema import DECODED_CACHE_FOLDER
 
     load_size = ctx["settings"].load_size
 
@@ -345,7 +345,7 @@ def measure_startup(ctx: dict, *, repeats: int, command: str) -> StartupResult:
 
     cold, warm = [], []
     for _ in range(repeats):
-        for path in (ctx["shards"] / CACHE_FOLDER).glob(f"{load_size}px-*.u8"):
+        for path in (ctx["shards"] / DECODED_CACHE_FOLDER).glob(f"{load_size}px-*.u8"):
             path.unlink()
         cold.append(start())
         warm.append(start())

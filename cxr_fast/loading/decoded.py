@@ -37,6 +37,7 @@ import pandas as pd
 from cxr_fast.errors import CxrError, one_line
 from cxr_fast.io import atomic_path, remove_stale_temporaries
 from cxr_fast.locks import LockHeld, describe, exclusive_lock
+from cxr_fast.schema import DECODED_CACHE_FOLDER
 
 FORMAT_VERSION = 1
 # resident.square_resize: short side to L (bilinear, antialiased, rounded), centre crop to L x L.
@@ -47,7 +48,6 @@ BLOCK_BYTES = 1 << 20        # one CRC-32 per ~1 MiB of rows: an open reads a fe
 BUILD_ROWS = 2048             # rows decoded per step of a build (bounds its memory)
 SAMPLED_BLOCKS = 4           # blocks checked on every open besides size and header
 LOCK_POLL_SECONDS = 2.0
-CACHE_FOLDER = "decoded"
 
 
 class CacheInvalid(Exception):
@@ -91,7 +91,7 @@ def shard_fingerprints(shards_dir: Path, names) -> dict[str, str]:
 
 
 def cache_path(shards_dir: Path, load_size: int, digest: str) -> Path:
-    return Path(shards_dir) / CACHE_FOLDER / f"{load_size}px-{digest}.u8"
+    return Path(shards_dir) / DECODED_CACHE_FOLDER / f"{load_size}px-{digest}.u8"
 
 
 def block_rows(load_size: int) -> int:
