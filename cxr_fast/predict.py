@@ -73,7 +73,8 @@ def predict(recipe: str, overrides: dict | None = None, *, split: str = "test", 
                          budget_bytes=lambda: loader_budget_bytes(model, trained, accelerator, settings.image_size,
                                                                   training=False))
     loader = make_loader(kind, rows, Path(trained.shards), settings, device=device,
-                         batch_size=eval_batch_size(trained), seed=trained.seed, threads=trained.decode_threads)
+                         batch_size=eval_batch_size(trained), seed=trained.seed, threads=trained.decode_threads,
+                         cache=trained.decoded_cache)
     probs = predict_probs(compile_model(model, trained, device), model, loader, np.arange(len(rows)), accelerator)
 
     threshold = float(record["threshold"])

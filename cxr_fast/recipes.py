@@ -93,8 +93,15 @@ class Config(Augmentation):
     shards: str = "shards/phantom,shards/phantom-448"
     """Folder(s) of shards and manifest.parquet (tools/shard_dataset.py writes them): one cohort
     at several sizes, comma-separated; a run reads the smallest stored at >= its load size."""
-    loader: Literal["auto", "resident", "dali"] = "auto"
-    """`resident`: decoded images kept on the device; `dali`: streamed; `auto`: resident if it fits."""
+    loader: Literal["auto", "resident", "host", "dali"] = "auto"
+    """`resident`: decoded images kept on the device; `host`: kept in host memory (the mapped
+    decoded cache), each batch copied to the device; `dali`: streamed from the shards; `auto`:
+    the first that fits (device budget, then host memory, then DALI), else a refusal before
+    any decoding. Several processes use the main process's choice."""
+    decoded_cache: Literal["on", "off", "verify"] = "on"
+    """`on`: a split is decoded once into `<shards>/decoded/<load>px-<digest>.u8` and every later
+    run maps it (size, header and a few block checksums checked on each open); `verify`: also
+    checks every block's checksum (a full read of the file); `off`: decode for this run only."""
     image_size: int = setting(0, at_least=32, also=(0,))
     """Model input side in px; 0: the arch's native size. Below 32 px nothing is left to learn."""
     batch_size: int = setting(0, at_least=0)

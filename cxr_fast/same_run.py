@@ -16,7 +16,7 @@ from cxr_fast.schema import finished_status
 
 SAME_RUN_NEUTRAL = frozenset({
     "epochs", "early_stopping",                                   # when to stop
-    "loader", "decode_threads", "device_memory_budget", "compile", "channels_last", "deterministic",
+    "loader", "decoded_cache", "decode_threads", "device_memory_budget", "compile", "channels_last", "deterministic",
     "precision",  # numerics of the same computation; the NaN-loss remedy continues with precision=fp32
     "logger", "wandb_project", "log_every", "checkpoint_every", "runs_dir", "weights_dir", "restart",
 })

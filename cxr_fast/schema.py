@@ -44,6 +44,7 @@ def age_group(age: pd.Series) -> pd.Series:
 # ------------------------------------------------------------------ shards/manifest.parquet
 
 MANIFEST_FILE = "manifest.parquet"
+DECODED_CACHE_FOLDER = "decoded"  # <shards>/decoded/<load>px-<digest>.u8: loading/decoded.py
 # Where an image's JPEG bytes are: shard file name, byte offset and length inside it.
 PAYLOAD_COLUMNS: tuple[str, ...] = ("shard", "offset", "nbytes")
 # The CRC-32 of those bytes (zlib.crc32, an unsigned 32-bit number), recorded while sharding and

@@ -31,7 +31,7 @@ from cxr_fast.engine import (SplitData, compile_model, configure_backends, eval_
 from cxr_fast.errors import CxrError, one_line, run_cli
 from cxr_fast.io import atomic_path, remove_stale_temporaries, write_json
 from cxr_fast.locks import exclusive_lock
-from cxr_fast.loading import choose_loader, make_loader, with_shards_resolved
+from cxr_fast.loading import choose_loader, choose_loader_for_all, make_loader, with_shards_resolved
 from cxr_fast.loading.augment import AugmentSettings
 from cxr_fast.loading.sampler import balanced_epoch, rank_share
 from cxr_fast.metrics_log import MetricsLog
@@ -197,11 +197,14 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
     batch_size = config.resolved_batch_size
     # The model first: the resident loader gets a share of what the model leaves free.
     model, optimizer = prepare_model(config, accelerator, settings.image_size)
-    kind = choose_loader(config.loader, n_images=len(train_data.rows) + len(val_data.rows), settings=settings,
-                         budget_bytes=lambda: loader_budget_bytes(model, config, accelerator, settings.image_size))
+    # Every process measures (the measurement may run collectives); the main process's tier wins.
+    kind = choose_loader_for_all(lambda: choose_loader(
+        config.loader, n_images=len(train_data.rows) + len(val_data.rows), settings=settings,
+        budget_bytes=lambda: loader_budget_bytes(model, config, accelerator, settings.image_size)), accelerator)
     loaders = {name: make_loader(kind, data.rows, shards_dir, settings, device=device,
                                  batch_size=batch_size if name == "train" else eval_batch_size(config),
-                                 seed=config.seed, rank=accelerator.process_index, threads=config.decode_threads)
+                                 seed=config.seed, rank=accelerator.process_index, threads=config.decode_threads,
+                                 cache=config.decoded_cache)
                for name, data in (("train", train_data), ("val", val_data))}
 
     state = Progress()

@@ -63,7 +63,12 @@ def test_data_bench_measures_every_loader(data_result):
     ceiling = data_result["decode_ceiling"]
     assert is_rate(ceiling["images_per_second_per_core"]) and ceiling["ceiling_images_per_second"] > 0
     assert ceiling["jpeg_kb_mean"] > 0
-    assert set(data_result["ratios"]) <= {"naive/wds", "dali-stock/wds", "dali/wds", "resident/wds"}
+    assert set(data_result["ratios"]) <= {"naive/wds", "dali-stock/wds", "dali/wds", "resident/wds", "host/resident"}
+    assert "host/resident" in data_result["ratios"]
+    startup = data_result["startup"]  # the decoded cache cold (built) and warm (mapped), same shards
+    assert startup["load_size"] == 37 and startup["images"] == data_result["settings"]["shard_images"]
+    assert is_rate(startup["cold_ms"]) and is_rate(startup["warm_ms"]) and startup["speedup"] > 1
+    assert startup["command"].endswith("--loaders resident")
 
 
 def test_missing_libraries_are_skipped_with_a_message(phantom_shards, monkeypatch, tmp_path):
@@ -116,6 +121,7 @@ def test_suite_report_and_markdown(data_result, train_result, tmp_path):
                           train=[train], wall_seconds=1.0)
     results.targets = target_report(results)
     assert any("training efficiency" in item.target for item in results.targets)
+    assert any("warm vs cold" in item.target and item.value for item in results.targets)
     markdown = tmp_path / "BENCHMARKS.md"
     markdown.write_text("# Benchmarks\n\nhand-written analysis stays.\n")
     update_markdown(markdown, results, tmp_path / "x.json")
@@ -126,6 +132,7 @@ def test_suite_report_and_markdown(data_result, train_result, tmp_path):
     for entry in data_result["loaders"].values():
         assert entry["command"] in text  # the command behind every number
     assert train_result["command"] in text and "images/s per core" in text
+    assert data_result["startup"]["command"] in text and "decoded cache **cold" in text
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ import torch
 
 import cxr_fast.loading as loading
 from cxr_fast.errors import CxrError
-from cxr_fast.loading import DALI_INSTALL_HINT, choose_loader, make_loader
+from cxr_fast.loading import choose_loader, dali_install_hint, make_loader
 from cxr_fast.loading.augment import STD, AugmentSettings
 from cxr_fast.loading.payloads import read_manifest
 from cxr_fast.loading.resident import ResidentLoader
@@ -184,14 +184,16 @@ def test_training_with_dali_loader_learns(phantom_shards, tmp_path):
     assert losses[-1] < losses[0], losses
 
 
-def test_without_dali_auto_picks_resident_and_dali_explains(phantom_shards, tmp_path, monkeypatch):
+def test_without_dali_auto_picks_host_and_dali_explains(phantom_shards, tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "dali_available", lambda: False)
     settings = AugmentSettings(image_size=64)
-    # A budget far too small for resident would pick dali - but dali is missing.
-    assert choose_loader("auto", n_images=10**9, settings=settings, budget_bytes=lambda: 1) == "resident"
+    # A budget far too small for resident would pick dali after host - but dali is missing.
+    assert choose_loader("auto", n_images=1000, settings=settings, budget_bytes=lambda: 1) == "host"
     with pytest.raises(CxrError) as error:
         choose_loader("dali", n_images=10, settings=settings, budget_bytes=lambda: 10**12)
-    assert str(error.value) == DALI_INSTALL_HINT
+    assert str(error.value) == dali_install_hint()
+    monkeypatch.setattr(loading.torch.version, "cuda", "12.8")
+    assert "pip install nvidia-dali-cuda120 " in dali_install_hint()  # the wheel for torch's CUDA major
     rows = read_manifest(phantom_shards).head(4)
     with pytest.raises(CxrError, match="pip install nvidia-dali"):
         make_loader("dali", rows, phantom_shards, settings, device=CPU, batch_size=2)
@@ -202,4 +204,4 @@ def test_without_dali_auto_picks_resident_and_dali_explains(phantom_shards, tmp_
         train(training_config(phantom_shards, tmp_path, loader="dali"), progress_bar=False)
     summary = train(training_config(phantom_shards, tmp_path, loader="auto", epochs=1, device_memory_budget=1e-9),
                     progress_bar=False)
-    assert summary["loader"] == "resident"
+    assert summary["loader"] == "host"  # the split fits the host, not the (tiny) device budget

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from cxr_fast.loading import resident, workers
+from cxr_fast.loading import decode, workers
 from cxr_fast.loading.prefetch import Prefetched
 
 
@@ -15,16 +15,28 @@ from cxr_fast.loading.prefetch import Prefetched
                                                           (4, 8, 1), (2, 1, 2)])
 def test_decode_threads_are_this_processes_share_of_its_cores(monkeypatch, cores, local_ranks, expected):
     monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: cores)  # an unbound process: its mask is the machine
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
     assert workers.decode_threads(0) == expected
     assert workers.decode_threads(5) == 5  # an explicit setting wins
 
 
+@pytest.mark.parametrize("machine, mask, local_ranks, expected",
+                         [(16, 2, 8, 2), (192, 24, 8, workers.MAX_DECODE_THREADS), (64, 6, 8, 6)])
+def test_a_process_bound_to_its_own_cores_uses_all_of_them(monkeypatch, machine, mask, local_ranks, expected):
+    # accelerate launch --enable_cpu_affinity gives each rank its own cores: dividing those by the
+    # ranks again would leave one thread (16 cores, 8 ranks: 2 cores each -> 2 // 8 -> 1).
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: machine)
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(mask)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
+    assert workers.decode_threads(0) == expected
+
+
 def test_on_cuda_every_decode_chunk_waits_for_the_stream_first(monkeypatch):
     calls = []
-    monkeypatch.setattr(resident, "synchronize_stream", lambda device: calls.append("sync"))
+    monkeypatch.setattr(decode, "synchronize_stream", lambda device: calls.append("sync"))
     chunks = [range(0, 2), range(2, 4), range(4, 5)]
-    resident.run_chunks(lambda chunk: calls.append(chunk), chunks, torch.device("cuda"))
+    decode.run_chunks(lambda chunk: calls.append(chunk), chunks, torch.device("cuda"))
     assert calls == ["sync", chunks[0], "sync", chunks[1], "sync", chunks[2]]
 
 

@@ -17,11 +17,13 @@ normalised, [B, 1, S, S]) by
   dali-stock  DALI's own `fn.readers.webdataset` pipeline over the same shards (the stock
               ImageNet recipe: decoders.image_random_crop, resize, rotate, brightness_contrast,
               crop_mirror_normalize);
-  dali        this project's DaliLoader;   resident   this project's ResidentLoader.
+  dali        this project's DaliLoader;   resident   this project's ResidentLoader;
+  host        this project's HostLoader (the mapped decoded cache, batches copied).
 All read the same phantom images: drawn at 1,024 px (the naive loader's source) and sharded at
 256 px with the project's tool. Each loader: built (setup time reported apart), warmed up,
 then `--repeats` timed blocks; median and spread. Beside them, the physical ceiling of any
-loader that decodes every epoch: libjpeg-turbo decode rate per core for the shard JPEGs.
+loader that decodes every epoch: libjpeg-turbo decode rate per core for the shard JPEGs, and
+the resident loader's start-up with the decoded cache cold (deleted, rebuilt) and warm.
 
 `train`: end-to-end training images/s with the real loop's pieces (cxr_fast.train:
 make_accelerator, prepare_model, compile_model, train_step, the sampler and the loader), and

@@ -1,7 +1,8 @@
 """`bench data`: images/s of augmented training batches delivered on the training device.
 
-Loaders (see the package docstring): naive, wds, dali-stock, dali, resident; beside them the
-decode ceiling (libjpeg-turbo per core on the shard JPEGs).
+Loaders (see the package docstring): naive, wds, dali-stock, dali, resident, host; beside them
+the decode ceiling (libjpeg-turbo per core on the shard JPEGs) and the resident loader's
+start-up with the decoded cache cold and warm.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import torch
 
 from cxr_fast.bench.machine import (command_line, machine_info, now, replace_option, spread, synchronize, timed,
                                     training_device, usable_cores)
-from cxr_fast.bench.records import DataResult, DataSettings, DecodeCeiling, LoaderResult, Rate
+from cxr_fast.bench.records import DataResult, DataSettings, DecodeCeiling, LoaderResult, Rate, StartupResult
 from cxr_fast.errors import CxrError
 from cxr_fast.loading.augment import MEAN, STD, AugmentSettings
 
-LOADERS = ("naive", "wds", "dali-stock", "dali", "resident")
+LOADERS = ("naive", "wds", "dali-stock", "dali", "resident", "host")
 WORKDIR = Path(os.environ.get("CXR_BENCH_DIR", "build/bench"))  # the phantom and its shards, cached
 REFERENCE_DECODE_PER_CORE = 3800  # img/s/core, libjpeg-turbo, 256 px ~20 KB grayscale, measured on these machines
 
@@ -213,10 +214,10 @@ def build_wds(ctx: dict):
 
 
 def build_dali_stock(ctx: dict):
-    from cxr_fast.loading import dali_available
+    from cxr_fast.loading import dali_available, dali_install_hint
 
     if not dali_available():
-        return None, "nvidia-dali is not installed (pip install nvidia-dali-cuda130)"
+        return None, dali_install_hint()
     from nvidia.dali import fn, pipeline_def, types
 
     settings, device = ctx["settings"], ctx["device"]
@@ -253,10 +254,10 @@ def build_dali_stock(ctx: dict):
 
 def build_project_loader(kind: str):
     def build(ctx: dict):
-        from cxr_fast.loading import dali_available, make_loader
+        from cxr_fast.loading import dali_available, dali_install_hint, make_loader
 
         if kind == "dali" and not dali_available():
-            return None, "nvidia-dali is not installed (pip install nvidia-dali-cuda130)"
+            return None, dali_install_hint()
         loader = make_loader(kind, ctx["rows"], ctx["shards"], ctx["settings"], device=ctx["device"],
                              batch_size=ctx["batch_size"], seed=ctx["seed"], threads=ctx["workers"])
 
@@ -270,13 +271,15 @@ def build_project_loader(kind: str):
 
 
 BUILDERS = {"naive": build_naive, "wds": build_wds, "dali-stock": build_dali_stock,
-            "dali": build_project_loader("dali"), "resident": build_project_loader("resident")}
+            "dali": build_project_loader("dali"), "resident": build_project_loader("resident"),
+            "host": build_project_loader("host")}
 DESCRIPTIONS = {
     "naive": "torch Dataset + PIL on the 1,024 px source JPEGs, torchvision transforms per sample, DataLoader, 1 worker/core",
     "wds": "webdataset + torchvision transforms per sample over the 256 px shards, DataLoader, 1 worker/core",
     "dali-stock": "DALI fn.readers.webdataset + decoders.image_random_crop/resize/rotate/brightness_contrast/crop_mirror_normalize",
     "dali": "cxr_fast DaliLoader: external_source by manifest offset, DALI decode + augment with augment.py's draws",
     "resident": "cxr_fast ResidentLoader: decoded once to the device, batched gather + augmentation there",
+    "host": "cxr_fast HostLoader: the mapped decoded cache on the host; each batch gathered, sent to the device, augmented",
 }
 
 
@@ -336,7 +339,40 @@ def bench_data(*, loaders: list[str], batch_size: int, image_size: int, repeats:
         result.loaders[name] = entry
         _report_loader(name, entry)
     result.ratios = loader_ratios(result)
+    if "resident" in loaders:
+        print("bench data: start-up, decoded cache cold and warm ...", file=sys.stderr, flush=True)
+        result.startup = measure_startup(ctx, repeats=repeats, command=command_line(replace_option(argv, "--loaders",
+                                                                                                   "resident")))
+        print(f"  start-up    cold {result.startup.cold_ms.median:.0f} ms, warm {result.startup.warm_ms.median:.0f} ms "
+              f"({result.startup.speedup:.1f}x)", file=sys.stderr, flush=True)
     return result
+
+
+def measure_startup(ctx: dict, *, repeats: int, command: str) -> StartupResult:
+    """The resident loader built over all the shards' images, `repeats` times with the decoded
+    cache deleted first (cold: decode + write) and `repeats` times with it present (warm: map +
+    copy). Deletes only this shard set's cache file at this load size, which it rebuilds."""
+    from cxr_fast.loading import make_loader
+    from cxr_fast.schema import DECODED_CACHE_FOLDER
+
+    load_size = ctx["settings"].load_size
+
+    def start() -> float:
+        started = time.perf_counter()
+        loader = make_loader("resident", ctx["rows"], ctx["shards"], ctx["settings"], device=ctx["device"],
+                             batch_size=ctx["batch_size"], threads=ctx["workers"])
+        synchronize(ctx["device"])
+        del loader
+        return (time.perf_counter() - started) * 1000
+
+    cold, warm = [], []
+    for _ in range(repeats):
+        for path in (ctx["shards"] / DECODED_CACHE_FOLDER).glob(f"{load_size}px-*.u8"):
+            path.unlink()
+        cold.append(start())
+        warm.append(start())
+    return StartupResult(images=len(ctx["rows"]), load_size=load_size, cold_ms=spread(cold), warm_ms=spread(warm),
+                         speedup=round(statistics.median(cold) / statistics.median(warm), 1), command=command)
 
 
 def measure_loader(name: str, ctx: dict, *, repeats: int, warmup: int, seconds: float, command: str) -> LoaderResult:
@@ -380,6 +416,8 @@ def loader_ratios(result: DataResult) -> dict[str, float]:
     for name in ("naive", "dali-stock", "dali", "resident"):
         if result.rate(name) and result.rate("wds"):
             ratios[f"{name}/wds"] = round(result.rate(name) / result.rate("wds"), 2)
+    if result.rate("host") and result.rate("resident"):
+        ratios["host/resident"] = round(result.rate("host") / result.rate("resident"), 2)
     return ratios
 
 

@@ -112,6 +112,18 @@ class LoaderResult(Record):
 
 
 @dataclass
+class StartupResult(Record):
+    """The resident loader's start-up on the same shards: the decoded cache cold (decoded and
+    written) and warm (mapped; the file in the page cache, as for every run after the first)."""
+    images: int
+    load_size: int
+    cold_ms: Rate
+    warm_ms: Rate
+    speedup: float
+    command: str
+
+
+@dataclass
 class DataResult(Record):
     command: str
     date: str
@@ -120,6 +132,7 @@ class DataResult(Record):
     decode_ceiling: DecodeCeiling | None
     loaders: dict[str, LoaderResult] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
+    startup: StartupResult | None = absent()
     kind: str = "data"
 
     def rate(self, loader: str) -> float | None:

@@ -24,6 +24,7 @@ def markdown_block(result: SuiteResult, results_file: Path) -> str:
     lines = [BEGIN, "", _machine_line(result, results_file), ""]
     lines += _loader_table(result.data)
     lines += _decode_ceiling(result.data)
+    lines += _startup(result.data)
     lines += ["", "### Training: real loader vs one synthetic batch on the device (the model's own ceiling)", "",
               "| arch | px | batch | loader | real img/s | synthetic img/s | efficiency | precision | command |",
               "|---|---:|---:|---|---:|---:|---:|---|---|"]
@@ -70,6 +71,17 @@ def _loader_table(data: DataResult) -> list[str]:
         else:
             lines.append(f"| {name} | {entry.status}: {entry.reason} | | | | `{entry.command}` |")
     return lines
+
+
+def _startup(data: DataResult) -> list[str]:
+    startup = data.startup
+    if startup is None:
+        return []
+    return ["", f"Start-up of `resident` over all {startup.images} images at {startup.load_size} px: decoded cache "
+            f"**cold {_fmt(startup.cold_ms.median)} ms** (decode + write; min {_fmt(startup.cold_ms.min)}, max "
+            f"{_fmt(startup.cold_ms.max)}), **warm {_fmt(startup.warm_ms.median)} ms** (map + copy; min "
+            f"{_fmt(startup.warm_ms.min)}, max {_fmt(startup.warm_ms.max)}): **{startup.speedup:g}x**. "
+            f"Command: `{startup.command}`."]
 
 
 def _decode_ceiling(data: DataResult) -> list[str]:

@@ -18,7 +18,7 @@ from cxr_fast.bench.records import Throughput, TrainResult, TrainSettings
 from cxr_fast.errors import CxrError
 from cxr_fast.loading.augment import AugmentSettings
 
-TRAIN_LOADERS = ("resident", "dali", "synthetic")
+TRAIN_LOADERS = ("resident", "host", "dali", "synthetic")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -77,7 +77,8 @@ def bench_train(*, arch: str, loader: str = "resident", image_size: int = 0, bat
         loader_used = choose_loader(config.loader, n_images=len(train_data.rows), settings=settings,
                                     budget_bytes=lambda: loader_budget_bytes(model, config, accelerator, settings.image_size))
         batch_loader = make_loader(loader_used, train_data.rows, shards, settings, device=device, batch_size=batch_size,
-                                   seed=config.seed, threads=config.decode_threads)
+                                   seed=config.seed, threads=config.decode_threads,
+                                   cache=config.decoded_cache)
         setup_seconds = round(time.perf_counter() - started, 2)
         labels = torch.as_tensor(train_data.labels, device=device)
 

@@ -14,7 +14,9 @@ changed since. One run at a time per --out. `python -m cxr_fast.data.verify OUT`
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +26,7 @@ from cxr_fast.data.cohort import add_cohort_arguments, cohort_from_args
 from cxr_fast.errors import CxrError, run_cli
 from cxr_fast.io import package_versions, remove_stale_temporaries, write_csv, write_json, write_parquet
 from cxr_fast.locks import exclusive_lock
-from cxr_fast.schema import DEMOGRAPHICS, MANIFEST_FILE, SPLITS
+from cxr_fast.schema import DECODED_CACHE_FOLDER, DEMOGRAPHICS, MANIFEST_FILE, SPLITS
 from cxr_fast.tasks import TASKS
 
 VERSIONED_PACKAGES = ("cxr_fast", "numpy", "pandas", "pyarrow", "pillow", "pydicom")
@@ -97,6 +99,14 @@ def recorded_arguments(args: argparse.Namespace) -> dict:
     return {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items() if name not in skip}
 
 
+def shard_checksums(out: Path) -> dict | None:
+    """meta.json's shard checksums of a previous run here (None: none)."""
+    try:
+        return json.loads((out / "meta.json").read_text()).get("shards")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cohort = cohort_from_args(args)
@@ -124,6 +134,7 @@ def write_outputs(args: argparse.Namespace, source: str, frame: pd.DataFrame, ex
         print(f"cohort: {len(frame)} images, {len(exclusions)} excluded -> {out}")
         return 0
 
+    before = shard_checksums(out)
     parts = shards.write_shards(
         frame, out, settings=settings, shard_size=args.shard_size, workers=args.workers, progress=not args.no_progress
     )
@@ -136,6 +147,10 @@ def write_outputs(args: argparse.Namespace, source: str, frame: pd.DataFrame, ex
     checksums = {part["shard"]: {"sha256": part["sha256"], "bytes": part["bytes"], "images": len(part["members"])}
                  for part in parts if part["shard"]}
     write_json(out / "meta.json", meta | {"counts": counts(manifest, exclusions), "shards": checksums})
+    if checksums != before:
+        # Decoded caches of the old shards would never be read again (their names no longer
+        # match); a run still mapping one keeps its pages. We hold the lock: none is being built.
+        shutil.rmtree(out / DECODED_CACHE_FOLDER, ignore_errors=True)
     print(f"shards: {len(manifest)} images in {len(checksums)} shards, {len(exclusions)} excluded -> {out}")
     return 0
 

@@ -60,7 +60,7 @@ PREFETCH = 2  # batches in flight: decode of batch k+1..k+2 overlaps the step on
 def stored_rois(heights: np.ndarray, widths: np.ndarray, load_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-image source ROI (y0, x0), (y1, x1) whose resize to L x L is the resident loader's square.
 
-    `resident.square_resize`: short side to L (long side rounded), then crop at
+    `decode.square_resize`: short side to L (long side rounded), then crop at
     ((H'-L)//2, (W'-L)//2). Resizing that crop's footprint in the source straight to L x L
     is the same sampling (same scale, same centres) without the intermediate image.
     """

@@ -1,23 +1,25 @@
-"""The `resident` loader: decode a split once into a uint8 tensor on the training device.
+"""The `resident` loader: a split as one uint8 tensor on the training device.
 
-Each batch is then an index gather plus batched augmentation on the device: no per-epoch
-decode, no worker processes, no host->device copies after start-up. MIMIC-CXR at 256 px is
-~5 GB of uint8, a fraction of an H100.
+The tensor is filled from the decoded cache (loading/decoded.py: decoded once per shard set
+and load size, then read by every run), or decoded here with decode_rows when
+decoded_cache=off. Each batch is then an index gather plus batched augmentation on the
+device: no per-epoch decode, no worker processes, no host->device copies after start-up.
+
+Per-GPU memory is rows x L x L bytes. MIMIC-CXR's ~240k frontal images give a train+val
+split of ~192k (80 %): 12.6 GB at 256 px (224 px models), 38.5 GB at 448 px; a 384 px model
+loads 439 px, 37.0 GB. 256 px fits an H100 beside any study model; 448 px often does not,
+and `loader=auto` then keeps the split on the host (loading/host.py).
 """
 
 from __future__ import annotations
 
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
-from cxr_fast.errors import CxrError, one_line
 from cxr_fast.loading.augment import (
     AugmentSettings,
     batch_generator,
@@ -26,97 +28,8 @@ from cxr_fast.loading.augment import (
     eval_transform,
     train_transform,
 )
-from cxr_fast.loading.payloads import read_payloads
-from cxr_fast.loading.workers import decode_threads
-
-DECODE_CHUNK = 256
-# torchvision 0.29 warns on every decode that TorchCodec will take over image decoding; the
-# decoder itself is unchanged, and the warning would flood every training log.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
-
-
-def decode_rows(rows: pd.DataFrame, shards_dir: Path, load_size: int, device: torch.device,
-                threads: int = 0) -> torch.Tensor:
-    """The images of manifest `rows` as uint8 [N, 1, L, L] on `device`: the one path from shard
-    bytes to pixels. The bytes are checked against the manifest's crc32 (read_payloads); an
-    image that still does not decode (a manifest without checksums) is one line naming shard and key."""
-    jpegs = read_payloads(rows, shards_dir)
-    try:
-        return decode_to_square(jpegs, load_size, device, threads)
-    except RuntimeError as error:
-        bad = _first_undecodable(jpegs)
-        if bad is None:
-            raise  # not the data's fault (out of memory, a driver error): keep the traceback
-        index, problem = bad
-        row = rows.iloc[index]
-        raise CxrError(f"{Path(shards_dir) / str(row['shard'])}: {row['key']}: cannot decode its JPEG ({problem})") from error
-
-
-def _first_undecodable(jpegs: list) -> tuple[int, str] | None:
-    """Index and error of the first JPEG the CPU decoder refuses (searched only after a failure)."""
-    for index, data in enumerate(jpegs):
-        try:
-            _decode([torch.frombuffer(bytearray(data), dtype=torch.uint8)], torch.device("cpu"))
-        except RuntimeError as error:
-            return index, one_line(error, 120)
-    return None
-
-
-def decode_to_square(jpegs: list[bytes], load_size: int, device: torch.device, threads: int = 0) -> torch.Tensor:
-    """JPEG bytes -> uint8 [N, 1, L, L]: short side resized to L (antialiased), centre crop.
-
-    On CUDA the decode is nvJPEG in batches; on CPU libjpeg-turbo over a thread pool
-    (torchvision's decoder releases the GIL).
-    """
-    out = torch.empty((len(jpegs), 1, load_size, load_size), dtype=torch.uint8, device=device)
-    chunks = [range(start, min(start + DECODE_CHUNK, len(jpegs))) for start in range(0, len(jpegs), DECODE_CHUNK)]
-
-    def fill(chunk: range) -> None:
-        data = [torch.frombuffer(bytearray(jpegs[i]), dtype=torch.uint8) for i in chunk]
-        images = _decode(data, device)
-        for i, image in zip(chunk, images):
-            out[i] = square_resize(image, load_size)
-
-    run_chunks(fill, chunks, device, threads)
-    return out
-
-
-def run_chunks(fill, chunks: list[range], device: torch.device, threads: int = 0) -> None:
-    """Call `fill` on every chunk: in order on CUDA, over a thread pool on a CPU."""
-    if device.type != "cuda":
-        with ThreadPoolExecutor(decode_threads(threads)) as pool:
-            list(pool.map(fill, chunks))
-        return
-    for chunk in chunks:
-        # nvJPEG decodes on its own stream and may reuse the previous chunk's buffers while
-        # this stream's resize kernels still read them: let those kernels finish first.
-        synchronize_stream(device)
-        fill(chunk)
-
-
-def synchronize_stream(device: torch.device) -> None:
-    torch.cuda.current_stream(device).synchronize()
-
-
-def _decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    if device.type == "cuda":
-        return decode_jpeg(data, mode=ImageReadMode.GRAY, device=device)
-    return [decode_jpeg(item, mode=ImageReadMode.GRAY) for item in data]
-
-
-def square_resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [1, H, W] -> uint8 [1, size, size]: short side to `size`, centre crop."""
-    height, width = image.shape[-2:]
-    scale = size / min(height, width)
-    target = (max(size, round(height * scale)), max(size, round(width * scale)))
-    if target != (height, width):
-        resized = F.interpolate(image[None].float(), size=target, mode="bilinear", antialias=True, align_corners=False)
-        image = resized[0].round_().clamp_(0, 255).to(torch.uint8)
-    top, left = (image.shape[-2] - size) // 2, (image.shape[-1] - size) // 2
-    return image[:, top:top + size, left:left + size]
+from cxr_fast.loading.decoded import HostImages, host_images
+from cxr_fast.loading.decode import decode_rows
 
 
 class ResidentLoader:
@@ -125,31 +38,54 @@ class ResidentLoader:
     name = "resident"
 
     def __init__(self, rows: pd.DataFrame, shards_dir: Path, settings: AugmentSettings, *,
-                 device: torch.device, batch_size: int, seed: int = 0, rank: int = 0, threads: int = 0, mode: str | None = None):
+                 device: torch.device, batch_size: int, seed: int = 0, rank: int = 0, threads: int = 0,
+                 mode: str | None = None, cache: str = "on"):
         self.settings = settings
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank  # augmentation draws differ per process
         self.mode = mode or default_mode(self.device)
-        self.images = decode_rows(rows, shards_dir, settings.load_size, self.device, threads)
+        self.positions: torch.Tensor | None = None  # split row i is images[positions[i]] (None: images[i])
+        if cache == "off":
+            self.images = decode_rows(rows, shards_dir, settings.load_size, self.device, threads)
+            return
+        split = host_images(rows, shards_dir, settings.load_size, device=self.device, threads=threads, cache=cache)
+        if self.device.type == "cpu":
+            # On a CPU the device is the host: the mapped cache is in its memory already, shared
+            # with every other process, and a private copy would cost more than the whole warm
+            # start-up (fresh pages). Rows are looked up through `positions`.
+            self.images, self.positions = torch.from_numpy(split.source), torch.from_numpy(split.positions)
+        else:
+            self.images = to_device(split, self.device)
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.images.shape[0] if self.positions is None else len(self.positions)
+
+    def stored(self, index: torch.Tensor) -> torch.Tensor:
+        """uint8 [len(index), 1, L, L]: the split's rows `index` as stored, before any transform."""
+        return self.images.index_select(0, index if self.positions is None else self.positions[index])
 
     def train_batches(self, indices: np.ndarray, *, epoch: int) -> Iterator[torch.Tensor]:
         """Augmented batches of `indices` (full batches only: a ragged tail would retrace compile)."""
         index = torch.as_tensor(indices, dtype=torch.long, device=self.device)
         for number, start in enumerate(range(0, len(index) - self.batch_size + 1, self.batch_size)):
-            batch = self.images.index_select(0, index[start:start + self.batch_size])
+            batch = self.stored(index[start:start + self.batch_size])
             params = draw_params(self.settings, len(batch), batch_generator(self.seed, epoch, number, self.rank))
             yield train_transform(batch, self.settings, params, mode=self.mode)
 
     def eval_batches(self, indices: np.ndarray) -> Iterator[torch.Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long, device=self.device)
         for start in range(0, len(index), self.batch_size):
-            yield eval_transform(self.images.index_select(0, index[start:start + self.batch_size]), self.settings)
+            yield eval_transform(self.stored(index[start:start + self.batch_size]), self.settings)
 
-    @staticmethod
-    def bytes_needed(rows: int, settings: AugmentSettings) -> int:
-        return rows * settings.load_size ** 2
+
+def to_device(images: HostImages, device: torch.device, chunk_rows: int = 4096) -> torch.Tensor:
+    """The split as one tensor on `device`, copied a chunk at a time through host memory (no
+    second full copy of the split on the host)."""
+    size = images.load_size
+    out = torch.empty((len(images), 1, size, size), dtype=torch.uint8, device=device)
+    for start in range(0, len(images), chunk_rows):
+        stop = min(start + chunk_rows, len(images))
+        out[start:stop].copy_(torch.from_numpy(images.gather(np.arange(start, stop))))
+    return out

@@ -2,9 +2,11 @@
 
 On a 192-core node with 8 training processes, one pipeline per process sized by
 `os.cpu_count()` would start 192 threads each (1,536 in all) and DALI preallocates pinned
-host memory per thread: tens of GB for nothing. Each process gets the cores of its own
-affinity mask (what Slurm or taskset granted) divided by the processes on this node, capped:
-beyond about a dozen threads a decoder feeding one GPU gains nothing.
+host memory per thread: tens of GB for nothing. Each process follows its own affinity mask
+(what Slurm, taskset or `accelerate launch --enable_cpu_affinity` granted it): a mask that
+spans the whole machine is shared by the processes on this node, a narrower one (the process
+was bound to its own cores) is this process's alone. Capped: beyond about a dozen threads a
+decoder feeding one GPU gains nothing.
 """
 
 from __future__ import annotations
@@ -30,8 +32,14 @@ def local_world_size() -> int:
         return 1
 
 
+def machine_cores() -> int:
+    return os.cpu_count() or 1
+
+
 def decode_threads(requested: int = 0) -> int:
     """`requested` when given (> 0); else this process's share of the usable cores, capped."""
     if requested > 0:
         return requested
-    return max(1, min(MAX_DECODE_THREADS, usable_cores() // local_world_size()))
+    cores = usable_cores()
+    bound = cores < machine_cores()  # bound per process: these cores are already its share
+    return max(1, min(MAX_DECODE_THREADS, cores if bound else cores // local_world_size()))
