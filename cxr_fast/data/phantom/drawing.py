@@ -500,6 +500,13 @@ _FINDING_NAMES: dict[str, str | None] = {
 }
 
 
+def painter_for(finding: str) -> str | None:
+    """The PAINTERS name that draws a CheXpert label or task slug (None: draws nothing)."""
+    if finding not in _FINDING_NAMES:
+        raise CxrError(f"unknown finding {finding!r}; use CheXpert labels ({', '.join(CHEXPERT_LABELS)}) or task names")
+    return _FINDING_NAMES[finding]
+
+
 def _finding_strengths(findings: Mapping[str, float | bool]) -> dict[str, float]:
     strengths: dict[str, float] = {}
     for name, value in findings.items():
@@ -526,6 +533,15 @@ def draw_radiograph(findings: Mapping[str, float | bool], *, rng: np.random.Gene
     hardness noise use separate streams spawned from `rng`, so the same `rng` state gives
     the same patient whichever findings are drawn.
     """
+    return draw_radiograph_with_regions(findings, rng=rng, size=size, hardness=hardness, lateral=lateral)[0]
+
+
+def draw_radiograph_with_regions(findings: Mapping[str, float | bool], *, rng: np.random.Generator, size: int,
+                                 hardness: float = 0.0, lateral: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """`draw_radiograph`'s image (the same pixels for the same arguments) and, for each drawn
+    finding (a PAINTERS name), where it shows: a bool (size, size) mask of the pixels whose
+    density the finding changed by at least REGION_MIN_DENSITY (before hardness lowers its
+    contrast: the region is where the finding is, however faintly a hard image shows it)."""
     if not isinstance(size, (int, np.integer)) or size < MIN_IMAGE_SIZE:
         raise CxrError(f"image size must be an integer >= {MIN_IMAGE_SIZE}, got {size!r}")
     if not 0.0 <= hardness <= 1.0:
@@ -537,9 +553,12 @@ def draw_radiograph(findings: Mapping[str, float | bool], *, rng: np.random.Gene
     chest = (_lateral_chest if lateral else _frontal_chest)(anatomy_rng, frame)
     anatomy = _Anatomy(chest)
     drawn = np.zeros((work, work), dtype=np.float32)
+    regions: dict[str, np.ndarray] = {}
     for (name, painter), finding_rng in zip(PAINTERS.items(), finding_rngs):
         if name in strengths:
-            drawn += np.float32(strengths[name]) * painter(chest, anatomy, finding_rng)
+            layer = np.float32(strengths[name]) * painter(chest, anatomy, finding_rng)
+            drawn += layer
+            regions[name] = _region_mask(layer, size)
     density = anatomy.image()
     if strengths:
         contrast = 1.0 - hardness * (1.0 - FINDING_CONTRAST_WHEN_HARD)
@@ -547,9 +566,21 @@ def draw_radiograph(findings: Mapping[str, float | bool], *, rng: np.random.Gene
         if hardness > 0:
             density += np.float32(hardness) * _finding_noise(hardness_rng, drawn)
     pixels = _expose(exposure_rng, density)
-    if work == size:
-        return pixels
-    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR))
+    if work != size:
+        pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR))
+    return pixels, regions
+
+
+# A finding's region: where it changes the density by at least this much (about 5 grey levels
+# after exposure); the blurred fringe below it is invisible.
+REGION_MIN_DENSITY = 0.02
+
+
+def _region_mask(layer: np.ndarray, size: int) -> np.ndarray:
+    mask = np.abs(layer) >= REGION_MIN_DENSITY
+    if mask.shape[0] != size:
+        mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST))
+    return mask
 
 
 def _working_size(size: int) -> int:
