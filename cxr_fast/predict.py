@@ -4,7 +4,8 @@ Also the original form `python -m cxr_fast.predict 1 convnext_large`. Loads
 `weights/R/best.safetensors` and the threshold chosen on validation (`best.json`) and writes
 `all_pred/R.parquet`, one row per labelled image of the split(s):
 key, dicom_id, subject_id, study_id, split, task, arch, recipe, label, prob, pred, threshold,
-sex, age, age_group, race, view (AP/PA/...: an attribute of the subgroup analysis).
+sex, age, age_group, race, view (AP/PA/...: an attribute of the subgroup analysis); the file's
+metadata records the shard folder read and the weights folder (cxr_fast.io.parquet_metadata).
 """
 
 from __future__ import annotations
@@ -74,7 +75,10 @@ def predict(recipe: str, overrides: dict | None = None, *, split: str = "test", 
     threshold = float(record["threshold"])
     table = prediction_table(rows, probs, config=trained, threshold=threshold)
     path = Path(out_dir) / f"{trained.recipe}.parquet"
-    write_parquet(path, table)
+    # Where the images and the model came from, so that explain and the report's gallery find
+    # them without being told (PREDICTION_METADATA).
+    write_parquet(path, table, metadata={"shards": str(Path(trained.shards).resolve()),
+                                         "weights_dir": str(Path(trained.weights_dir).resolve())})
     return path
 
 
