@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cxr_fast.explain.cam import Explainer, Layer, Unexplainable, choose_layer, to_map
-from cxr_fast.explain.pointing import crop_window, image_scores, pointing_score
+from cxr_fast.explain.pointing import beats_chance, crop_window, image_scores, pointing_score
 
 # One arch of every study family, as tiny untrained timm models of the same classes (the
 # registry's names with small settings): (timm name, settings, input px).
@@ -99,3 +99,53 @@ def test_image_scores_hit_mass_and_chance():
     score = pointing_score([peak, peak], [region, np.zeros_like(region)])  # empty regions are skipped
     assert score["n_images"] == 1 and score["hit_rate"] == 1.0 and score["chance"] == pytest.approx(0.1)
     assert crop_window(np.arange(16).reshape(4, 4), 2).tolist() == [[5, 6], [9, 10]]
+
+
+def _edema_set(n: int, seed: int, size: int = 64):
+    """Frontal phantom images, every other one with edema, and each image's drawn edema region."""
+    from cxr_fast.data.phantom.drawing import draw_radiograph_with_regions
+    from cxr_fast.loading.augment import MEAN, STD
+
+    images, regions = [], []
+    for index in range(n):
+        findings = {"Edema": True} if index % 2 == 0 else {}
+        pixels, drawn = draw_radiograph_with_regions(findings, rng=np.random.default_rng([seed, index]), size=size)
+        images.append(pixels)
+        regions.append(drawn.get("Edema", np.zeros((size, size), dtype=bool)))
+    x = (torch.from_numpy(np.stack(images)).float()[:, None] / 255 - MEAN) / STD
+    return x, np.stack(regions), torch.tensor([index % 2 == 0 for index in range(n)], dtype=torch.float32)
+
+
+@pytest.mark.slow
+def test_a_model_that_learnt_the_finding_points_at_it_and_an_untrained_one_does_not():
+    import timm
+
+    x, _, y = _edema_set(320, seed=1)
+    test_x, test_regions, test_y = _edema_set(64, seed=2)
+    positives = test_y.numpy() == 1
+
+    def score(model):
+        maps = Explainer(model.eval(), 64).heatmaps(test_x[positives])
+        return pointing_score(list(maps), list(test_regions[positives]))
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=1)
+    untrained = score(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        model.train()
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), 32):
+            batch = order[start:start + 32]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x[batch])[:, 0], y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        accuracy = float(((model.eval()(test_x)[:, 0] > 0).float() == test_y).float().mean())
+    trained = score(model)
+    assert accuracy >= 0.85, accuracy  # it learnt the finding
+    assert beats_chance(trained), trained
+    assert not beats_chance(untrained), untrained
+    assert trained["hit_rate"] > untrained["hit_rate"] + 0.3

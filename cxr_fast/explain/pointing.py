@@ -38,3 +38,13 @@ def crop_window(array: np.ndarray, size: int) -> np.ndarray:
     top = (array.shape[-2] - size) // 2
     left = (side - size) // 2
     return array[..., top:top + size, left:left + size]
+
+
+# "Clearly better than chance": the maximum inside the finding this much more often than the
+# region's share, and this many times the share of heatmap mass inside it.
+HIT_MARGIN = 0.25
+MASS_RATIO = 1.25
+
+
+def beats_chance(score: dict[str, float]) -> bool:
+    return (score["hit_rate"] >= score["chance"] + HIT_MARGIN and score["mass_inside"] >= MASS_RATIO * score["chance"])
