@@ -19,7 +19,7 @@ from cxr_fast.predict import predict
 from cxr_fast.recipes import load_config
 from cxr_fast.train import train
 
-pytestmark = pytest.mark.slow
+
 RECIPES = ("edema_test_resnet", "edema_test_convnext")
 LOAD_SIZE = 73  # 64 px models read a 73 px square (eval crop 0.875)
 
@@ -47,6 +47,7 @@ def _shown(page: str, roles: tuple[str, ...]) -> list[tuple[str, str]]:
             if role in roles]
 
 
+@pytest.mark.slow
 def test_explain_writes_one_array_of_the_image_shape_and_one_overlay_per_recipe_and_image(study):
     gallery_keys = set(pd.read_csv(study / "pred" / "explain" / "explained.csv")["recipe"])
     assert gallery_keys == set(RECIPES)
@@ -63,6 +64,7 @@ def test_explain_writes_one_array_of_the_image_shape_and_one_overlay_per_recipe_
     assert ((pointing["chance"] > 0) & (pointing["chance"] < 1)).all()
 
 
+@pytest.mark.slow
 def test_the_report_shows_the_systematic_images_with_heatmaps_and_the_data_use_warning(study, tmp_path):
     page = _report(study, tmp_path / "report")
     listed = pd.read_csv(tmp_path / "report" / "systematic_images.csv")
@@ -80,18 +82,21 @@ def test_the_report_shows_the_systematic_images_with_heatmaps_and_the_data_use_w
         assert (controls.loc[controls["role"] == role, "label"] == label).all()
 
 
+@pytest.mark.slow
 def test_no_images_leaves_every_radiograph_out(study, tmp_path):
     page = _report(study, tmp_path / "report", "--no-images")
     assert "<img alt=\"radiograph" not in page and "heatmap of" not in page and 'class="dua"' not in page
     assert "Radiographs left out (--no-images)." in page and _shown(page, ("false_negative", "false_positive"))
 
 
+@pytest.mark.slow
 def test_shards_that_cannot_be_found_cost_one_line_and_nothing_else(study, tmp_path):
     page = _report(study, tmp_path / "report", "--shards", str(tmp_path / "gone"))
     assert page.count("No radiographs: the shard folder was not found") == 1
     assert "<img alt=\"radiograph" not in page and "<h2>Adjusted for the other attributes</h2>" in page
 
 
+@pytest.mark.slow
 def test_export_review_keeps_labels_and_votes_away_from_the_readers(study, tmp_path):
     out = tmp_path / "review"
     assert analyze_main(["export-review", "--task", "edema", "--out", str(out), "--pred-dir", str(study / "pred")]) == 0
@@ -109,6 +114,7 @@ def test_export_review_keeps_labels_and_votes_away_from_the_readers(study, tmp_p
     assert sorted(path.name for path in out.iterdir()) == ["README.txt", "heatmaps", "key", "readers"]
 
 
+@pytest.mark.slow
 def test_export_review_of_an_unknown_task_is_one_line(study, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(analyze_main, ["export-review", "--task", "fracture", "--out", str(tmp_path / "x"),
@@ -117,3 +123,26 @@ def test_export_review_of_an_unknown_task_is_one_line(study, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "no predictions for task 'fracture'" in err and "\n" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_scale_bench_images_cover_every_key_and_feed_the_gallery(tmp_path):
+    """Not slow: a tiny simulated study gets shards and heatmaps the gallery reads."""
+    from cxr_fast.analyze.gallery import OVERLAYS_PER_IMAGE, build_gallery
+    from cxr_fast.analyze.inputs import load_predictions, prediction_files, task_data
+    from cxr_fast.analyze.scale_images import study_images
+    from cxr_fast.analyze.simulate import PlantedMiss, simulate_predictions, write_prediction_files
+
+    pred_dir = tmp_path / "pred"
+    predictions = simulate_predictions(tasks=("effusion", "edema"), archs=("a1", "a2", "a3", "a4"), n_images=300,
+                                       images_per_subject=2, planted=PlantedMiss(), seed=0)
+    write_prediction_files(predictions=predictions, pred_dir=pred_dir)
+    shards, explain = study_images(pred_dir, tmp_path, distinct=4, size=32)
+    tasks = task_data(load_predictions(pred_dir=pred_dir))
+    gallery = build_gallery(tasks=tasks, files=prediction_files(pred_dir), threshold=0.8, shards=shards,
+                            explain_dir=explain)
+    assert not gallery.note and len(gallery.shown)
+    assert set(gallery.thumbnails) == set(gallery.shown["key"])
+    assert all(len(gallery.overlays[task, key]) == min(OVERLAYS_PER_IMAGE, 4)
+               for task, key in zip(gallery.shown["task"], gallery.shown["key"]))
+    manifest = pd.read_parquet(shards / "manifest.parquet")
+    assert set(manifest["key"]) == set(predictions["key"])

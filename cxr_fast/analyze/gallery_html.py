@@ -8,6 +8,7 @@ import html
 import pandas as pd
 
 from cxr_fast.analyze.gallery import PER_ERROR, ROLES, Gallery
+from cxr_fast.explain.pointing import beats_chance
 
 GALLERY_CSS = """
 .gallery{display:flex;flex-wrap:wrap;gap:.5em;margin:.4em 0 1em}
@@ -54,7 +55,8 @@ def _pointing_lines(pointing: pd.DataFrame | None) -> str:
     items = "".join(
         f"<li>{html.escape(str(r.recipe))}: maximum inside the drawn finding in {r.hit_rate:.0%} of {int(r.n_images)} "
         f"positives (chance {r.chance:.0%}); {r.mass_inside:.0%} of the heatmap inside it (its share of the image "
-        f"{r.chance:.0%})</li>" for r in pointing.itertuples())
+        f"{r.chance:.0%}): {'beats chance clearly' if beats_chance(r._asdict()) else 'not clearly better than chance'}"
+        "</li>" for r in pointing.itertuples())
     return ("<h3>Do the heatmaps point at the finding? (phantom data)</h3><p class=note>The phantom records where it "
             "drew each finding; a model that learnt the finding puts its heatmap's maximum, and more of its mass, "
             f"inside that region than chance (the region's share of the image).</p><ul>{items}</ul>")

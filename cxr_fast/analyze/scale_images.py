@@ -53,8 +53,8 @@ def write_shards(folder: Path, keys: list[str], jpegs: list[bytes]) -> Path:
     return folder
 
 
-def write_overlays(folder: Path, pred_dir: Path, jpegs: list[bytes], position: dict[str, int],
-                   threshold: float = 0.8) -> None:
+def write_overlays(folder: Path, pred_dir: Path, jpegs: list[bytes], position: dict[str, int], *,
+                   size: int = STORED_PX, threshold: float = 0.8) -> None:
     """The overlays the gallery would embed: the first OVERLAY_MODELS recipes of each task."""
     from PIL import Image
 
@@ -64,7 +64,7 @@ def write_overlays(folder: Path, pred_dir: Path, jpegs: list[bytes], position: d
 
     tasks = task_data(load_predictions(pred_dir=pred_dir, split="test"))
     shown, _ = select_gallery(tasks, threshold=threshold)
-    yy, xx = np.mgrid[0:STORED_PX, 0:STORED_PX] / STORED_PX
+    yy, xx = np.mgrid[0:size, 0:size] / size
     for data in tasks:
         keys = shown.loc[shown["task"] == data.task, "key"].drop_duplicates().tolist()
         for recipe in sorted(data.recipes)[:OVERLAY_MODELS]:
@@ -77,7 +77,7 @@ def write_overlays(folder: Path, pred_dir: Path, jpegs: list[bytes], position: d
                 (target / f"{key}.png").write_bytes(overlay_png(image, heat))
 
 
-def study_images(pred_dir: Path, cache: Path) -> tuple[Path, Path]:
+def study_images(pred_dir: Path, cache: Path, *, distinct: int = DISTINCT, size: int = STORED_PX) -> tuple[Path, Path]:
     """(shard folder, explain folder) for a simulated prediction folder, built once."""
     folder = cache / f"{pred_dir.name}-images"
     done = folder / ".complete"
@@ -85,8 +85,8 @@ def study_images(pred_dir: Path, cache: Path) -> tuple[Path, Path]:
         from cxr_fast.analyze.inputs import prediction_files
 
         keys = sorted(pd.read_parquet(prediction_files(pred_dir)[0], columns=["key"])["key"])
-        jpegs = _jpegs(DISTINCT, STORED_PX)
+        jpegs = _jpegs(distinct, size)
         write_shards(folder / "shards", keys, jpegs)
-        write_overlays(folder / "explain", pred_dir, jpegs, {key: i for i, key in enumerate(keys)})
+        write_overlays(folder / "explain", pred_dir, jpegs, {key: i for i, key in enumerate(keys)}, size=size)
         done.write_text("")
     return folder / "shards", folder / "explain"
