@@ -146,3 +146,32 @@ def test_the_scale_bench_images_cover_every_key_and_feed_the_gallery(tmp_path):
                for task, key in zip(gallery.shown["task"], gallery.shown["key"]))
     manifest = pd.read_parquet(shards / "manifest.parquet")
     assert set(manifest["key"]) == set(predictions["key"])
+
+
+@pytest.mark.slow
+def test_a_recipe_without_checkpoint_is_one_line_and_the_others_are_explained(study, tmp_path, capsys):
+    from cxr_fast.io import parquet_metadata, write_parquet
+
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    source = study / "pred" / "edema_test_resnet.parquet"
+    table = pd.read_parquet(source)
+    write_parquet(pred / source.name, table, metadata=parquet_metadata(source))
+    write_parquet(pred / "edema_test_efficientnet.parquet",
+                  table.assign(arch="test_efficientnet", recipe="edema_test_efficientnet"), metadata=parquet_metadata(source))
+    assert explain_main(["--pred-dir", str(pred)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("edema_test_efficientnet: not explained: no best checkpoint in ") for line in lines)
+    explained = pd.read_csv(pred / "explain" / "explained.csv").set_index("recipe")
+    assert explained.loc["edema_test_resnet", "status"] == "explained"
+    assert not (pred / "explain" / "edema_test_efficientnet").exists()
+
+
+def test_the_analysis_with_its_gallery_does_not_import_torch():
+    """torch would add its memory to the analysis and to every worker process it forks."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cxr_fast.analyze.__main__, cxr_fast.analyze.gallery, cxr_fast.analyze.review, "
+            "cxr_fast.loading.payloads; print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -96,6 +96,7 @@ def explain_recipe(source: Source, keys: list[str], data: TaskData, *, out: Path
                    shards: str | None, device: torch.device) -> tuple[dict, dict | None]:
     """Write one recipe's heatmaps; return its explained.csv row and its pointing row (or None)."""
     from cxr_fast.predict import load_trained
+    from cxr_fast.recipes import load_config
 
     recorded = parquet_metadata(source.file)
     settings_over = dict(overrides)
@@ -105,10 +106,14 @@ def explain_recipe(source: Source, keys: list[str], data: TaskData, *, out: Path
     if not shard_folder:
         raise CxrError(f"{source.file}: records no shard folder (written before predict recorded it); give --shards")
     settings_over["shards"] = str(shard_folder)
+    row = {"recipe": source.recipe, "task": source.task, "arch": source.arch, "layer": "", "n_images": 0, "status": ""}
+    weights = Path(settings_over.get("weights_dir", load_config(source.recipe).weights_dir)) / source.recipe
+    if not (weights / "best.safetensors").is_file():
+        row["status"] = f"not explained: no best checkpoint in {weights}"
+        return row, None
     config, _, model = load_trained(source.recipe, settings_over)
     settings = AugmentSettings.from_config(config)
     model = model.to(device).eval()
-    row = {"recipe": source.recipe, "task": source.task, "arch": source.arch, "layer": "", "n_images": 0, "status": ""}
     folder_shards = Path(config.shards)
     images = squares(keys, folder_shards, settings.load_size)
     try:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Callable
-
-import pandas as pd
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from cxr_fast.errors import CxrError
-from cxr_fast.loading.augment import AugmentSettings
+
+if TYPE_CHECKING:  # torch is imported where it is used: the analysis reads shard bytes
+    import pandas as pd  # (loading.payloads) without paying for torch in every process
+    import torch
+
+    from cxr_fast.loading.augment import AugmentSettings
 
 DALI_INSTALL_HINT = (
     "DALI is not installed; on Linux x86_64: pip install nvidia-dali-cuda130 "
@@ -30,6 +32,8 @@ def dali_available() -> bool:
 
 
 def device_memory_bytes(device: torch.device) -> int:
+    import torch
+
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return free
@@ -41,6 +45,7 @@ def with_shards_resolved(config):
     (payloads.resolve_shards): train, predict and bench read the same folder for the same recipe."""
     import dataclasses
 
+    from cxr_fast.loading.augment import AugmentSettings
     from cxr_fast.loading.payloads import resolve_shards
 
     load_size = AugmentSettings.from_config(config).load_size
