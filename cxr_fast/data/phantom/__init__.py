@@ -11,7 +11,7 @@ the real layout (DATA_SPEC.md) and read by the real cohort builder unchanged:
 
     python -m cxr_fast.data.phantom --out DIR --n-images N --seed S [--image-size 512] [--no-bias]
 
-Modules: population (the tables, `sample_tables`), drawing (`draw_radiograph`), write
+Modules: population (the tables, `sample_tables`), drawing (`draw_radiograph`; exposure: density to film), write
 (`generate_phantom`), truth (`phantom_truth.json`), regions (the finding masks), __main__ (the command line).
 
 Population (`sample_tables`, no pixels involved)

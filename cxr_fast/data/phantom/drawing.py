@@ -13,15 +13,18 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from cxr_fast.data.phantom.exposure import FINDING_NOISE_SD_WHEN_HARD, expose, finding_noise
 from cxr_fast.errors import CxrError
 from cxr_fast.tasks import CHEXPERT_LABELS, TASK_COLUMNS, TASKS
+
+__all__ = ["FINDING_CONTRAST_WHEN_HARD", "FINDING_NOISE_SD_WHEN_HARD", "PAINTERS", "draw_radiograph",
+           "draw_radiograph_with_regions", "painter_for"]
 
 MIN_IMAGE_SIZE = 16  # smaller images cannot hold the drawn anatomy
 
 # How the planted disparity looks: in a harder image every finding keeps this fraction of its
 # contrast and gets blotchy noise of this sd inside it.
 FINDING_CONTRAST_WHEN_HARD = 0.2
-FINDING_NOISE_SD_WHEN_HARD = 0.15
 
 
 # ------------------------------------------------------------------------------ geometry
@@ -564,8 +567,8 @@ def draw_radiograph_with_regions(findings: Mapping[str, float | bool], *, rng: n
         contrast = 1.0 - hardness * (1.0 - FINDING_CONTRAST_WHEN_HARD)
         density += np.float32(contrast) * drawn
         if hardness > 0:
-            density += np.float32(hardness) * _finding_noise(hardness_rng, drawn)
-    pixels = _expose(exposure_rng, density)
+            density += np.float32(hardness) * finding_noise(hardness_rng, drawn)
+    pixels = expose(exposure_rng, density)
     if work != size:
         pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR))
     return pixels, regions
@@ -590,32 +593,3 @@ def _working_size(size: int) -> int:
     several pixels), and drawing a quarter of the pixels halves the generation time.
     """
     return size if size <= 256 else (size + 1) // 2
-
-
-def _finding_noise(rng: np.random.Generator, drawn: np.ndarray) -> np.ndarray:
-    """Blotchy noise (grain 1/16 of the image) confined to where findings were drawn.
-
-    Coarse grain on purpose: pixel-level noise would average away when models downsample.
-    """
-    size = drawn.shape[0]
-    coarse = rng.standard_normal((16, 16), dtype=np.float32) * np.float32(FINDING_NOISE_SD_WHEN_HARD)
-    grain = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.Resampling.BILINEAR))
-    return grain * np.minimum(np.abs(drawn) * np.float32(1 / 0.12), 1.0)
-
-
-def _expose(rng: np.random.Generator, density: np.ndarray) -> np.ndarray:
-    """Window, heel-effect gradient, gamma and quantum noise, then 8 bits."""
-    size = density.shape[0]
-    low, high = rng.uniform(-0.02, 0.06), rng.uniform(0.82, 1.0)
-    gain = np.float32(255 / (high - low))
-    gradient = (rng.uniform(-0.06, 0.06) * 255) * (np.arange(size, dtype=np.float32) / size - 0.5)
-    noise_sd = rng.uniform(0.008, 0.03)
-    gamma = rng.uniform(0.8, 1.25)
-    scaled = rng.standard_normal((size, size), dtype=np.float32)
-    scaled *= np.float32(noise_sd * 255)  # in place: this runs on every pixel of every image
-    scaled += (density - np.float32(low)) * gain
-    scaled += gradient[None, :] + np.float32(0.5)  # + 0.5: round, not truncate
-    np.clip(scaled, 0, 255, out=scaled)
-    curve = np.clip(np.rint(255 * (np.arange(256) / 255) ** gamma), 0, 255).astype(np.uint8)
-    return curve[scaled.astype(np.uint8)]
-
