@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m cxr_fast.analyze",
         description="Metrics with patient-level bootstrap CIs, subgroup gaps, error consistency and "
                     "systematic misclassification over every all_pred/<recipe>.parquet; writes an HTML report.",
+        epilog="python -m cxr_fast.analyze export-review --task T --out DIR: the gallery's images of one task for a "
+               "reader study (export-review --help).",
     )
     parser.add_argument("--pred-dir", required=True, help="directory of <recipe>.parquet prediction files")
     parser.add_argument("--out", required=True, help="report directory (index.html, summary.json, CSVs)")
