@@ -32,7 +32,7 @@ DEMO_REPORT ?= reports/demo
 help:
 	@echo "make setup   create .venv and install everything (torch pinned, see constraints.txt)"
 	@echo "make shards  build the phantom data set and shard it to $(SHARDS)/ (or real MIMIC: MIMIC_CXR=... MIMIC_IV=... make shards)"
-	@echo "make demo    the whole chain on the built-in phantom data: shards, train, predict, analyze"
+	@echo "make demo    the whole chain on the built-in phantom data: shards, train, predict, explain, analyze"
 	@echo "make test    the test suite (CPU, a few minutes)"
 	@echo "make test-fast  the tests not marked slow (no subprocess training, kills, sweeps or compiles)"
 	@echo "make test-slurm  the Slurm array on a one-node Slurm cluster started here (root; installs slurm-wlm, munge)"
@@ -89,6 +89,7 @@ endif
 demo: setup dirs $(if $(MIMIC_CXR),,$(SHARDS)/manifest.parquet)
 	$(PY) -m cxr_fast.sweep --in-process --tasks all --archs $(DEMO_ARCHS) shards=$(SHARDS) epochs=$(DEMO_EPOCHS) logger=none
 	$(PY) -m cxr_fast.predict --all --split test shards=$(SHARDS)
+	$(PY) -m cxr_fast.explain --pred-dir all_pred   # heatmaps for the report's gallery -> all_pred/explain/
 	$(PY) -m cxr_fast.analyze --pred-dir all_pred --out $(DEMO_REPORT)
 	@echo "report: $(CURDIR)/$(DEMO_REPORT)/index.html"
 

@@ -175,7 +175,6 @@ def measured_activation_bytes(model: torch.nn.Module, accelerator, batch_size: i
     """Peak memory of one training forward+backward beyond the model (and its gradients, counted
     with the optimiser state). No optimiser step; the gradients are dropped, the buffers (batch-norm
     statistics) restored and the RNG streams forked, so the run itself is unchanged."""
-    device = accelerator.device
     buffers = [buffer.clone() for buffer in model.buffers()]
     with cudnn_benchmark_off():  # its trials allocate workspaces that inflate the peak, differently per rank
         peak, before = _one_training_pass_peak(model, accelerator, batch_size, image_size, channels_last)

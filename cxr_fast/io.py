@@ -159,9 +159,36 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-def write_parquet(path: str | os.PathLike, frame: pd.DataFrame) -> None:
+# The key under which a parquet file's writer records where it came from (JSON in the file's
+# key-value metadata; readers that do not ask never see it).
+PARQUET_METADATA_KEY = b"cxr_fast"
+
+
+def write_parquet(path: str | os.PathLike, frame: pd.DataFrame, *, metadata: dict | None = None) -> None:
+    """`metadata`, a JSON-able dict, travels in the file (read back by `parquet_metadata`)."""
     with atomic_path(path, needed_bytes=lambda: _frame_bytes(frame)) as tmp:
-        frame.to_parquet(tmp, index=False)
+        if metadata is None:
+            frame.to_parquet(tmp, index=False)
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               PARQUET_METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+        pq.write_table(table, tmp)
+
+
+def parquet_metadata(path: str | os.PathLike) -> dict:
+    """What `write_parquet(metadata=...)` recorded in the file ({} when nothing or unreadable)."""
+    import pyarrow.parquet as pq
+
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(PARQUET_METADATA_KEY)
+        value = json.loads(raw) if raw else {}
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _frame_bytes(frame: pd.DataFrame) -> int:

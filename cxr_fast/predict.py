@@ -4,7 +4,8 @@ Also the original form `python -m cxr_fast.predict 1 convnext_large`. Loads
 `weights/R/best.safetensors` and the threshold chosen on validation (`best.json`) and writes
 `all_pred/R.parquet`, one row per labelled image of the split(s):
 key, dicom_id, subject_id, study_id, split, task, arch, recipe, label, prob, pred, threshold,
-sex, age, age_group, race, view (AP/PA/...: an attribute of the subgroup analysis).
+sex, age, age_group, race, view (AP/PA/...: an attribute of the subgroup analysis); the file's
+metadata records the shard folder read and the weights folder (cxr_fast.io.parquet_metadata).
 """
 
 from __future__ import annotations
@@ -45,15 +46,24 @@ def load_best(folder: Path, recipe: str) -> tuple[dict, dict]:
     return record, load_safetensors(weights_path)
 
 
-def predict(recipe: str, overrides: dict | None = None, *, split: str = "test", out_dir: Path = Path("all_pred")) -> Path:
-    """Predict with the best checkpoint; `overrides` (e.g. shards=, weights_dir=, loader=) replace
-    the settings saved at training time, which otherwise describe the model exactly."""
+def load_trained(recipe: str, overrides: dict | None = None) -> tuple[Config, dict, torch.nn.Module]:
+    """A recipe's best checkpoint: its settings (those saved at training time, then `overrides`;
+    shards resolved), its best.json record and the model on the CPU with the weights loaded."""
     overrides = dict(overrides or {})
     weights_dir = Path(overrides.get("weights_dir", load_config(recipe).weights_dir))
     record, weights = load_best(weights_dir / recipe, recipe)
     saved = {key: value for key, value in record["config"].items() if key not in ("recipe", "task", "arch")}
     # One pass over a split does not repay a compilation: compile only when asked (compile=on).
     trained = with_shards_resolved(load_config(recipe, saved | {"compile": "off"} | overrides))
+    model = build_model(trained.arch, pretrained=False, image_size=AugmentSettings.from_config(trained).image_size)
+    model.load_state_dict(weights)
+    return trained, record, model
+
+
+def predict(recipe: str, overrides: dict | None = None, *, split: str = "test", out_dir: Path = Path("all_pred")) -> Path:
+    """Predict with the best checkpoint; `overrides` (e.g. shards=, weights_dir=, loader=) replace
+    the settings saved at training time, which otherwise describe the model exactly."""
+    trained, record, model = load_trained(recipe, overrides)
     accelerator = make_accelerator(trained.precision)
     device = accelerator.device
 
@@ -64,8 +74,6 @@ def predict(recipe: str, overrides: dict | None = None, *, split: str = "test", 
         raise CxrError(f"{Path(trained.shards) / 'manifest.parquet'}: no labelled {split} images for task {trained.task!r}")
 
     settings = AugmentSettings.from_config(trained)
-    model = build_model(trained.arch, pretrained=False, image_size=settings.image_size)
-    model.load_state_dict(weights)
     if trained.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = accelerator.prepare(model)
@@ -80,7 +88,10 @@ def predict(recipe: str, overrides: dict | None = None, *, split: str = "test", 
     threshold = float(record["threshold"])
     table = prediction_table(rows, probs, config=trained, threshold=threshold)
     path = Path(out_dir) / f"{trained.recipe}.parquet"
-    write_parquet(path, table)
+    # Where the images and the model came from, so that explain and the report's gallery find
+    # them without being told (PREDICTION_METADATA).
+    write_parquet(path, table, metadata={"shards": str(Path(trained.shards).resolve()),
+                                         "weights_dir": str(Path(trained.weights_dir).resolve())})
     return path
 
 

@@ -29,7 +29,7 @@ from cxr_fast.engine import (SplitData, compile_model, configure_backends, eval_
                              load_task_data, loader_budget_bytes, make_accelerator, peak_lr, predict_probs,
                              prepare_model, train_step)
 from cxr_fast.errors import CxrError, one_line, run_cli
-from cxr_fast.io import atomic_path, remove_stale_temporaries, write_json
+from cxr_fast.io import remove_stale_temporaries, write_json
 from cxr_fast.locks import exclusive_lock
 from cxr_fast.loading import choose_loader, choose_loader_for_all, make_loader, with_shards_resolved
 from cxr_fast.loading.augment import AugmentSettings

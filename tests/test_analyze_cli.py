@@ -82,7 +82,7 @@ def report(tmp_path_factory):
 
 def test_report_files(report):
     _, out = report
-    assert sorted(path.name for path in out.iterdir()) == sorted(["index.html", "summary.json"] + [f"{t}.csv" for t in TABLES])
+    assert sorted(path.name for path in out.iterdir()) == sorted(["index.html", "summary.json", "gallery.csv"] + [f"{t}.csv" for t in TABLES])
 
 
 def test_html_is_one_self_contained_file_with_figures(report):

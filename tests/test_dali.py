@@ -192,7 +192,7 @@ def test_without_dali_auto_picks_host_and_dali_explains(phantom_shards, tmp_path
     with pytest.raises(CxrError) as error:
         choose_loader("dali", n_images=10, settings=settings, budget_bytes=lambda: 10**12)
     assert str(error.value) == dali_install_hint()
-    monkeypatch.setattr(loading.torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
     assert "pip install nvidia-dali-cuda120 " in dali_install_hint()  # the wheel for torch's CUDA major
     rows = read_manifest(phantom_shards).head(4)
     with pytest.raises(CxrError, match="pip install nvidia-dali"):

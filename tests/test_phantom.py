@@ -17,6 +17,8 @@ from cxr_fast.data import phantom
 from cxr_fast.data.cohort import build_cohort
 from cxr_fast.data.phantom import draw_radiograph, generate_phantom, sample_tables
 from cxr_fast.data.phantom.__main__ import main as phantom_main
+from cxr_fast.data.phantom.drawing import draw_radiograph_with_regions
+from cxr_fast.data.phantom.regions import REGION_FINDINGS, finding_mask
 from cxr_fast.data.phantom.truth import prevalence as cohort_prevalence
 from cxr_fast.errors import CxrError, run_cli
 from cxr_fast.tasks import CHEXPERT_LABELS, TASKS
@@ -87,7 +89,7 @@ def _image_path(tree: Path, row) -> Path:
 
 def test_tree_has_the_mimic_file_names_and_columns(trees):
     tree = trees["biased"]
-    assert sorted(os.listdir(tree)) == ["mimic-cxr-jpg", "mimic-iv", "phantom_truth.json"]
+    assert sorted(os.listdir(tree)) == ["mimic-cxr-jpg", "mimic-iv", "phantom_truth.json", "regions"]
     for name, columns in CSV_FILES.items():
         path = tree / name
         assert path.read_bytes()[:2] == b"\x1f\x8b", f"{name} is not gzip"
@@ -368,6 +370,34 @@ def test_every_finding_is_visible_on_frontal_and_lateral_images_at_64_pixels():
                 assert change.max() >= 25 and (change >= 10).sum() >= 4, (finding, lateral, index)
 
 
+def test_regions_mark_where_each_finding_changed_the_image():
+    for index in range(4):
+        findings = {"Pleural Effusion": True, "Fracture": True, "Cardiomegaly": 0.5}
+        pixels, regions = draw_radiograph_with_regions(findings, rng=np.random.default_rng([9, index]), size=96)
+        assert np.array_equal(pixels, draw_radiograph(findings, rng=np.random.default_rng([9, index]), size=96))
+        assert set(regions) == {"Pleural Effusion", "Fracture", "Cardiomegaly"}
+        for finding, mask in regions.items():
+            alone = np.abs(draw_radiograph({finding: findings[finding]}, rng=np.random.default_rng([9, index]), size=96)
+                           .astype(float) - draw_radiograph({}, rng=np.random.default_rng([9, index]), size=96))
+            assert mask.shape == (96, 96) and 0 < mask.mean() < 0.5, finding
+            # the finding's change is concentrated in its region: far above the rest of the image
+            assert alone[mask].mean() > 4 * alone[~mask].mean(), finding
+
+
+def test_every_image_has_a_region_file_with_its_findings(trees):
+    tree = trees["biased"]
+    plan = sample_tables(N_IMAGES, seed=SEED, image_size=SIZE).images
+    legend = json.loads((tree / "regions/legend.json").read_text())
+    assert legend["bits"] == {str(bit): name for bit, name in enumerate(REGION_FINDINGS)}
+    assert sorted(path.stem for path in (tree / "regions").glob("*.png")) == sorted(plan["dicom_id"])
+    for dicom_id, effusion_strength in zip(plan["dicom_id"][:40], plan["Pleural Effusion"][:40]):
+        path = tree / "regions" / f"{dicom_id}.png"
+        stored = np.asarray(Image.open(path))
+        assert stored.shape == (SIZE, SIZE) and stored.dtype == np.uint16
+        assert finding_mask(path, "effusion").any() == (effusion_strength > 0)
+        assert finding_mask(path, "no_finding") is None
+
+
 def test_lateral_views_are_drawn_differently():
     rng_state = [4, 0]
     frontal = draw_radiograph({}, rng=np.random.default_rng(rng_state), size=SIZE)
@@ -433,6 +463,7 @@ def test_refuses_a_foreign_folder_and_cleans_an_old_phantom(tmp_path):
     metadata = _metadata(out)
     assert len(metadata) == 8
     assert set((out / "mimic-cxr-jpg/files").rglob("*.jpg")) == {_image_path(out, row) for row in metadata.itertuples()}
+    assert {path.stem for path in (out / "regions").glob("*.png")} == set(metadata["dicom_id"])
     with gzip.open(out / "mimic-cxr-jpg/mimic-cxr-2.0.0-split.csv.gz") as handle:
         assert len(handle.read().decode().splitlines()) == 9
     assert re.search(r'"seed": 2', (out / "phantom_truth.json").read_text())

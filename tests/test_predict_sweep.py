@@ -13,6 +13,7 @@ import pytest
 
 from cxr_fast import sweep
 from cxr_fast.errors import CxrError
+from cxr_fast.io import parquet_metadata
 from cxr_fast.predict import main as predict_main, predict
 from cxr_fast.recipes import load_config
 from cxr_fast.schema import PREDICTION_COLUMNS
@@ -45,6 +46,9 @@ def test_prediction_file_has_the_schema_and_uses_the_validation_threshold(phanto
     assert (table["pred"] == (table["prob"] >= table["threshold"]).astype(int)).all()
     merged = table.merge(expected[["key", "edema", "race", "age_group"]], on="key")
     assert (merged["label"] == merged["edema"]).all() and (merged["race_x"] == merged["race_y"]).all()
+    # the file records where its images and model came from (explain and the gallery read it)
+    assert parquet_metadata(path) == {"shards": str(Path(phantom_shards).resolve()),
+                                      "weights_dir": str((trained / "weights").resolve())}
 
 
 def test_predictions_are_deterministic_and_splits_selectable(phantom_shards, trained, tmp_path):

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 
 from cxr_fast.analyze import figures
+from cxr_fast.analyze.gallery import Gallery
+from cxr_fast.analyze.gallery_html import DUA_WARNING, GALLERY_CSS, gallery_section
 from cxr_fast.analyze.groups import group_sort_key
 from cxr_fast.analyze.pipeline import DEFINITIONS, Analysis, versions
 from cxr_fast.errors import CxrError
@@ -347,8 +349,9 @@ def figure_jobs(analysis: Analysis) -> figures.Jobs:
     return jobs
 
 
-def render_html(analysis: Analysis, uris: dict | None = None) -> str:
-    """The report page; `uris` are the drawn figure_jobs (drawn here when not given)."""
+def render_html(analysis: Analysis, uris: dict | None = None, gallery: Gallery | None = None) -> str:
+    """The report page; `uris` are the drawn figure_jobs (drawn here when not given); `gallery`
+    the images of the systematic section (none without it)."""
     settings, tables = analysis.settings, analysis.tables
     tasks = analysis.tasks
     consistency = tables["consistency"]
@@ -365,6 +368,7 @@ def render_html(analysis: Analysis, uris: dict | None = None) -> str:
                      f"FDR q = {settings.fdr}")
     body = "".join([
         "<h1>cxr_fast: who do the models get wrong?</h1>",
+        DUA_WARNING if gallery is not None and gallery.has_images else "",
         f"<p class=note>{settings_line}</p>",
         f'<h2>Headline findings</h2><ul class="headline">{headline}</ul>',
         HOW_TO_READ.format(fdr=settings.fdr, min_count=settings.min_count, threshold=settings.systematic_threshold),
@@ -372,12 +376,13 @@ def render_html(analysis: Analysis, uris: dict | None = None) -> str:
         _subgroups_section(tables["subgroups"], forest_uris),
         _consistency_section(consistency, kappa_uri, mean_uri),
         _systematic_section(tables["systematic"], tables["systematic_images"], composition_uris, settings.systematic_threshold),
+        gallery_section(gallery),
         _adjusted_section(tables["adjusted"]),
         "<h2>Inputs</h2>", _table(inputs, left=("file", "task", "arch", "recipe")),
         f"<p class=note>{html.escape(', '.join(f'{k} {v}' for k, v in versions().items()))}</p>",
     ])
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>cxr_fast analysis</title>'
-            f"<style>{CSS}</style></head><body>{body}</body></html>\n")
+            f"<style>{CSS}{GALLERY_CSS}</style></head><body>{body}</body></html>\n")
 
 
 # --- files ----------------------------------------------------------------------------------
@@ -404,7 +409,7 @@ def summary(analysis: Analysis) -> dict:
 REPORT_MARKER = "summary.json"  # what makes an existing folder a report that may be replaced
 
 
-def write_report(*, analysis: Analysis, out: str | Path) -> Path:
+def write_report(*, analysis: Analysis, out: str | Path, gallery: Gallery | None = None) -> Path:
     """Write every CSV, summary.json and index.html into `out`; return the index.html path.
 
     The report is built in a temporary sibling folder and swapped in whole: a failure midway
@@ -417,8 +422,10 @@ def write_report(*, analysis: Analysis, out: str | Path) -> Path:
     with figures.drawing(figure_jobs(analysis), rows=len(analysis.predictions)) as drawn, atomic_folder(out) as folder:
         for name, table in analysis.tables.items():
             write_csv(folder / f"{name}.csv", table)
+        if gallery is not None:
+            write_csv(folder / "gallery.csv", gallery.shown)
         write_json(folder / REPORT_MARKER, summary(analysis))
-        write_bytes(folder / "index.html", render_html(analysis, drawn()).encode("utf-8"))
+        write_bytes(folder / "index.html", render_html(analysis, drawn(), gallery).encode("utf-8"))
     return out / "index.html"
 
 

@@ -3,7 +3,8 @@
     python -m cxr_fast.analyze.scale_bench [--images 32424 --subjects 13000 --archs 19 --bootstrap 1000]
 
 Simulates `all_pred/` at that size (19 archs x 6 tasks = 114 prediction files by default,
-cached in build/bench/ under a name that spells the size), runs the analysis CLI in a child
+cached in build/bench/ under a name that spells the size) with images for the report's gallery
+(a small shard set and heatmaps, scale_images.py), runs the analysis CLI in a child
 process and records its wall time, its peak resident memory (the child's ru_maxrss) and the
 size of every report file in benchmarks/results/analyze-scale-<machine>-<date>.json.
 The child runs as a user would run it, so the numbers include reading the files and writing
@@ -50,12 +51,14 @@ def simulated_pred_dir(*, images: int, subjects: int, archs: int, seed: int = 0,
     return pred_dir
 
 
-def measure(*, pred_dir: Path, out: Path, bootstrap: int) -> dict:
+def measure(*, pred_dir: Path, out: Path, bootstrap: int, images: tuple[Path, Path] | None = None) -> dict:
     """Run the analysis CLI once in a child process: wall seconds, the peak of
     the summed resident memory of it and its worker processes, the share of CPU time the
     hypervisor took away (steal) meanwhile, and every report file's size."""
     command = [sys.executable, "-m", "cxr_fast.analyze", "--pred-dir", str(pred_dir), "--out", str(out),
                "--bootstrap", str(bootstrap)]
+    if images:  # the gallery: thumbnails from these shards, heatmaps from this folder
+        command += ["--shards", str(images[0]), "--explain-dir", str(images[1])]
     steal_before = _cpu_jiffies()
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL)
@@ -117,12 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(RESULTS), help="where the JSON goes (default: %(default)s)")
     args = parser.parse_args(argv)
     pred_dir = simulated_pred_dir(images=args.images, subjects=args.subjects, archs=args.archs)
+    from cxr_fast.analyze.scale_images import study_images
+
+    gallery = study_images(pred_dir, pred_dir.parent)
     result = {
         "benchmark": "analyze-scale",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": platform.node(), "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg(),
         "images_per_task": args.images, "subjects": args.subjects, "models": 6 * args.archs, "bootstrap": args.bootstrap,
-        **measure(pred_dir=pred_dir, out=Path(args.out), bootstrap=args.bootstrap),
+        "gallery": "thumbnails from a shard set of 64 distinct 256 px phantom images covering every key, "
+                   "3 models' heatmaps per image (cxr_fast/analyze/scale_images.py)",
+        **measure(pred_dir=pred_dir, out=Path(args.out), bootstrap=args.bootstrap, images=gallery),
         "load_average_end": os.getloadavg(),
     }
     path = Path(args.results) / f"analyze-scale-{platform.node()}-{datetime.date.today().isoformat()}.json"

@@ -15,13 +15,15 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Callable
-
-import pandas as pd
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from cxr_fast.errors import CxrError
-from cxr_fast.loading.augment import AugmentSettings
+
+if TYPE_CHECKING:  # torch is imported where it is used: the analysis reads shard bytes
+    import pandas as pd  # (loading.payloads) without paying for torch in every process
+    import torch
+
+    from cxr_fast.loading.augment import AugmentSettings
 
 LOADERS = ("resident", "host", "dali")  # the tiers, in the order `auto` tries them
 
@@ -29,6 +31,8 @@ LOADERS = ("resident", "host", "dali")  # the tiers, in the order `auto` tries t
 def dali_package() -> str:
     """The DALI wheel for this torch's CUDA major (nvidia-dali-cuda120 for CUDA 12.x); a CPU
     build of torch gets the newest (DALI's CPU operators are the same in every wheel)."""
+    import torch
+
     major = (torch.version.cuda or "13").split(".")[0]
     return f"nvidia-dali-cuda{major}0"
 
@@ -42,6 +46,8 @@ def dali_available() -> bool:
 
 
 def device_memory_bytes(device: torch.device) -> int:
+    import torch
+
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return free
@@ -65,6 +71,7 @@ def with_shards_resolved(config):
     (payloads.resolve_shards): train, predict and bench read the same folder for the same recipe."""
     import dataclasses
 
+    from cxr_fast.loading.augment import AugmentSettings
     from cxr_fast.loading.payloads import resolve_shards
 
     load_size = AugmentSettings.from_config(config).load_size
@@ -130,6 +137,7 @@ def choose_loader_for_all(choose: Callable[[], str], accelerator) -> str:
         kind, refusal = None, error
     if accelerator is None or accelerator.num_processes == 1:
         return kind
+    import torch
     import torch.distributed as dist
 
     code = torch.tensor([LOADERS.index(kind) if kind in LOADERS else -1], device=accelerator.device)

@@ -7,11 +7,12 @@ the real layout (DATA_SPEC.md) and read by the real cohort builder unchanged:
     OUT/mimic-cxr-jpg/mimic-cxr-2.0.0-{metadata,chexpert,split}.csv.gz
     OUT/mimic-iv/hosp/{patients,admissions}.csv.gz
     OUT/phantom_truth.json      what was planted, realised prevalences, counts per group
+    OUT/regions/{dicom_id}.png  where each finding was drawn (16-bit bit mask; regions/legend.json)
 
     python -m cxr_fast.data.phantom --out DIR --n-images N --seed S [--image-size 512] [--no-bias]
 
-Modules: population (the tables, `sample_tables`), drawing (`draw_radiograph`), write
-(`generate_phantom`), truth (`phantom_truth.json`), __main__ (the command line).
+Modules: population (the tables, `sample_tables`), drawing (`draw_radiograph`; exposure: density to film), write
+(`generate_phantom`), truth (`phantom_truth.json`), regions (the finding masks), __main__ (the command line).
 
 Population (`sample_tables`, no pixels involved)
   - Studies per subject: geometric, mean 1.6. Images per study: frontal only 55 %, frontal +

@@ -13,15 +13,18 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from cxr_fast.data.phantom.exposure import FINDING_NOISE_SD_WHEN_HARD, expose, finding_noise
 from cxr_fast.errors import CxrError
 from cxr_fast.tasks import CHEXPERT_LABELS, TASK_COLUMNS, TASKS
+
+__all__ = ["FINDING_CONTRAST_WHEN_HARD", "FINDING_NOISE_SD_WHEN_HARD", "PAINTERS", "draw_radiograph",
+           "draw_radiograph_with_regions", "painter_for"]
 
 MIN_IMAGE_SIZE = 16  # smaller images cannot hold the drawn anatomy
 
 # How the planted disparity looks: in a harder image every finding keeps this fraction of its
 # contrast and gets blotchy noise of this sd inside it.
 FINDING_CONTRAST_WHEN_HARD = 0.2
-FINDING_NOISE_SD_WHEN_HARD = 0.15
 
 
 # ------------------------------------------------------------------------------ geometry
@@ -500,6 +503,13 @@ _FINDING_NAMES: dict[str, str | None] = {
 }
 
 
+def painter_for(finding: str) -> str | None:
+    """The PAINTERS name that draws a CheXpert label or task slug (None: draws nothing)."""
+    if finding not in _FINDING_NAMES:
+        raise CxrError(f"unknown finding {finding!r}; use CheXpert labels ({', '.join(CHEXPERT_LABELS)}) or task names")
+    return _FINDING_NAMES[finding]
+
+
 def _finding_strengths(findings: Mapping[str, float | bool]) -> dict[str, float]:
     strengths: dict[str, float] = {}
     for name, value in findings.items():
@@ -526,6 +536,15 @@ def draw_radiograph(findings: Mapping[str, float | bool], *, rng: np.random.Gene
     hardness noise use separate streams spawned from `rng`, so the same `rng` state gives
     the same patient whichever findings are drawn.
     """
+    return draw_radiograph_with_regions(findings, rng=rng, size=size, hardness=hardness, lateral=lateral)[0]
+
+
+def draw_radiograph_with_regions(findings: Mapping[str, float | bool], *, rng: np.random.Generator, size: int,
+                                 hardness: float = 0.0, lateral: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """`draw_radiograph`'s image (the same pixels for the same arguments) and, for each drawn
+    finding (a PAINTERS name), where it shows: a bool (size, size) mask of the pixels whose
+    density the finding changed by at least REGION_MIN_DENSITY (before hardness lowers its
+    contrast: the region is where the finding is, however faintly a hard image shows it)."""
     if not isinstance(size, (int, np.integer)) or size < MIN_IMAGE_SIZE:
         raise CxrError(f"image size must be an integer >= {MIN_IMAGE_SIZE}, got {size!r}")
     if not 0.0 <= hardness <= 1.0:
@@ -537,19 +556,34 @@ def draw_radiograph(findings: Mapping[str, float | bool], *, rng: np.random.Gene
     chest = (_lateral_chest if lateral else _frontal_chest)(anatomy_rng, frame)
     anatomy = _Anatomy(chest)
     drawn = np.zeros((work, work), dtype=np.float32)
+    regions: dict[str, np.ndarray] = {}
     for (name, painter), finding_rng in zip(PAINTERS.items(), finding_rngs):
         if name in strengths:
-            drawn += np.float32(strengths[name]) * painter(chest, anatomy, finding_rng)
+            layer = np.float32(strengths[name]) * painter(chest, anatomy, finding_rng)
+            drawn += layer
+            regions[name] = _region_mask(layer, size)
     density = anatomy.image()
     if strengths:
         contrast = 1.0 - hardness * (1.0 - FINDING_CONTRAST_WHEN_HARD)
         density += np.float32(contrast) * drawn
         if hardness > 0:
-            density += np.float32(hardness) * _finding_noise(hardness_rng, drawn)
-    pixels = _expose(exposure_rng, density)
-    if work == size:
-        return pixels
-    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR))
+            density += np.float32(hardness) * finding_noise(hardness_rng, drawn)
+    pixels = expose(exposure_rng, density)
+    if work != size:
+        pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR))
+    return pixels, regions
+
+
+# A finding's region: where it changes the density by at least this much (about 5 grey levels
+# after exposure); the blurred fringe below it is invisible.
+REGION_MIN_DENSITY = 0.02
+
+
+def _region_mask(layer: np.ndarray, size: int) -> np.ndarray:
+    mask = np.abs(layer) >= REGION_MIN_DENSITY
+    if mask.shape[0] != size:
+        mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST))
+    return mask
 
 
 def _working_size(size: int) -> int:
@@ -559,32 +593,3 @@ def _working_size(size: int) -> int:
     several pixels), and drawing a quarter of the pixels halves the generation time.
     """
     return size if size <= 256 else (size + 1) // 2
-
-
-def _finding_noise(rng: np.random.Generator, drawn: np.ndarray) -> np.ndarray:
-    """Blotchy noise (grain 1/16 of the image) confined to where findings were drawn.
-
-    Coarse grain on purpose: pixel-level noise would average away when models downsample.
-    """
-    size = drawn.shape[0]
-    coarse = rng.standard_normal((16, 16), dtype=np.float32) * np.float32(FINDING_NOISE_SD_WHEN_HARD)
-    grain = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.Resampling.BILINEAR))
-    return grain * np.minimum(np.abs(drawn) * np.float32(1 / 0.12), 1.0)
-
-
-def _expose(rng: np.random.Generator, density: np.ndarray) -> np.ndarray:
-    """Window, heel-effect gradient, gamma and quantum noise, then 8 bits."""
-    size = density.shape[0]
-    low, high = rng.uniform(-0.02, 0.06), rng.uniform(0.82, 1.0)
-    gain = np.float32(255 / (high - low))
-    gradient = (rng.uniform(-0.06, 0.06) * 255) * (np.arange(size, dtype=np.float32) / size - 0.5)
-    noise_sd = rng.uniform(0.008, 0.03)
-    gamma = rng.uniform(0.8, 1.25)
-    scaled = rng.standard_normal((size, size), dtype=np.float32)
-    scaled *= np.float32(noise_sd * 255)  # in place: this runs on every pixel of every image
-    scaled += (density - np.float32(low)) * gain
-    scaled += gradient[None, :] + np.float32(0.5)  # + 0.5: round, not truncate
-    np.clip(scaled, 0, 255, out=scaled)
-    curve = np.clip(np.rint(255 * (np.arange(256) / 255) ** gamma), 0, 255).astype(np.uint8)
-    return curve[scaled.astype(np.uint8)]
-

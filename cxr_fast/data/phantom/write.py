@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cxr_fast.data.phantom.drawing import MIN_IMAGE_SIZE, draw_radiograph
+from cxr_fast.data.phantom.drawing import MIN_IMAGE_SIZE, draw_radiograph_with_regions
 from cxr_fast.data.phantom.population import FINDINGS, image_hardness, sample_tables
+from cxr_fast.data.phantom.regions import REGIONS_FOLDER, region_path, write_legend, write_regions
 from cxr_fast.data.phantom.truth import phantom_truth
 from cxr_fast.errors import CxrError, require_int
 from cxr_fast.io import atomic_path, write_csv, write_json
@@ -35,6 +36,7 @@ ADMISSIONS_NAME = "admissions.csv.gz"
 class _ImageJob(NamedTuple):
     index: int
     path: str
+    regions_path: str
     findings: tuple[tuple[str, float], ...]
     hardness: float
     lateral: bool
@@ -44,20 +46,23 @@ class _ImageJob(NamedTuple):
 
 def _render(job: _ImageJob) -> None:
     rng = np.random.default_rng([job.seed, job.index])
-    pixels = draw_radiograph(dict(job.findings), rng=rng, size=job.size, hardness=job.hardness, lateral=job.lateral)
+    pixels, regions = draw_radiograph_with_regions(dict(job.findings), rng=rng, size=job.size,
+                                                   hardness=job.hardness, lateral=job.lateral)
     with atomic_path(job.path) as tmp:
         Image.fromarray(pixels).save(tmp, format="JPEG", quality=90)
+    write_regions(job.regions_path, regions, job.size)
 
 
-def _image_jobs(images: pd.DataFrame, hardness: np.ndarray, *, root: Path, seed: int, size: int) -> list[_ImageJob]:
+def _image_jobs(images: pd.DataFrame, hardness: np.ndarray, *, root: Path, regions: Path, seed: int,
+                size: int) -> list[_ImageJob]:
     strengths = images[list(FINDINGS)].to_numpy()
     names = np.array(FINDINGS)
     return [
-        _ImageJob(index, os.fspath(root / path),
+        _ImageJob(index, os.fspath(root / path), os.fspath(region_path(regions, dicom_id)),
                   tuple(zip(names[row > 0].tolist(), row[row > 0].tolist())),
                   float(hard), bool(lateral), size, seed)
-        for index, (path, row, hard, lateral) in enumerate(
-            zip(images["path"].tolist(), strengths, hardness, images["lateral"].tolist()))
+        for index, (path, dicom_id, row, hard, lateral) in enumerate(
+            zip(images["path"].tolist(), images["dicom_id"].tolist(), strengths, hardness, images["lateral"].tolist()))
     ]
 
 
@@ -87,9 +92,12 @@ def generate_phantom(out: Path, *, n_images: int, seed: int = 0, image_size: int
     _prepare_output(out)
     jpg_root = out / JPG_FOLDER
     hardness = image_hardness(tables.images, bias=bias)
-    jobs = _image_jobs(tables.images, hardness, root=jpg_root, seed=seed, size=image_size)
+    regions_root = out / REGIONS_FOLDER
+    jobs = _image_jobs(tables.images, hardness, root=jpg_root, regions=regions_root, seed=seed, size=image_size)
     _render_all(jobs, workers)
-    _remove_stale_images(jpg_root / "files", keep={job.path for job in jobs})
+    _remove_stale_images(jpg_root / "files", keep={job.path for job in jobs}, suffix=".jpg")
+    _remove_stale_images(regions_root, keep={job.regions_path for job in jobs}, suffix=".png")
+    write_legend(regions_root)
     write_csv(jpg_root / METADATA_NAME, tables.metadata)
     write_csv(jpg_root / CHEXPERT_NAME, tables.chexpert)
     write_csv(jpg_root / SPLIT_NAME, tables.split)
@@ -100,7 +108,7 @@ def generate_phantom(out: Path, *, n_images: int, seed: int = 0, image_size: int
     return truth
 
 
-_OUTPUT_ENTRIES = {JPG_FOLDER, HOSP_FOLDER.parts[0], TRUTH_NAME}
+_OUTPUT_ENTRIES = {JPG_FOLDER, HOSP_FOLDER.parts[0], TRUTH_NAME, REGIONS_FOLDER}
 
 
 def _prepare_output(out: Path) -> None:
@@ -119,12 +127,12 @@ def _prepare_output(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _remove_stale_images(files: Path, *, keep: set[str]) -> None:
-    """A rerun into an old phantom folder must not leave the old run's images behind."""
+def _remove_stale_images(files: Path, *, keep: set[str], suffix: str) -> None:
+    """A rerun into an old phantom folder must not leave the old run's images (or regions) behind."""
     for folder, _, names in os.walk(files):
         for name in names:
             path = os.path.join(folder, name)
-            if name.endswith(".jpg") and path not in keep:
+            if name.endswith(suffix) and path not in keep:
                 os.unlink(path)
 
 
