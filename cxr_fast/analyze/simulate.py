@@ -12,6 +12,9 @@ The generative story, so that results are predictable:
 - `agreement` makes one group's images harder or easier by the same amount for every model
   (more image-level hardness, less model noise): its errors coincide across models (higher
   kappa) without a planted miss;
+- `shifted` moves every score of one group by the same amount in every model, whatever the
+  label: the models rank the group as well as before but its probabilities mean another risk
+  (a group the calibration table must flag);
 - `view` (AP/PA) is drawn per image from its own random stream, independently of the rest,
   so adding it left every other simulated value of a seed unchanged.
 """
@@ -51,6 +54,15 @@ class PlantedAgreement:
     group: str = "Asian"
     hardness_scale: float = 2.5
     noise_scale: float = 0.1
+
+
+@dataclass(frozen=True)
+class PlantedShift:
+    """Every score of `attribute == group` moved by `shift` (logit units) in every model."""
+
+    attribute: str = "race"
+    group: str = "Black"
+    shift: float = 1.0
 
 
 P_AP = 0.55  # frontal films that are AP (portable), as in the phantom
@@ -111,7 +123,8 @@ def simulate_predictions(
     *, tasks: tuple[str, ...] = ("effusion",), archs: tuple[str, ...] = ("resnet50", "densenet121", "convnext_tiny"),
     n_images: int = 800, n_val_images: int = 0, images_per_subject: float = 1.6, prevalence: float = 0.35,
     signal: float = 1.6, hardness: float = 1.0, noise: float = 0.8, missing_label_rate: float = 0.0,
-    planted: PlantedMiss | None = None, agreement: PlantedAgreement | None = None, seed: int = 0,
+    planted: PlantedMiss | None = None, agreement: PlantedAgreement | None = None,
+    shifted: PlantedShift | None = None, seed: int = 0,
 ) -> pd.DataFrame:
     """All models' predictions stacked (one row per model x image), in the prediction schema."""
     rng = np.random.default_rng(seed)
@@ -123,6 +136,7 @@ def simulate_predictions(
     agreeing = _members(images, agreement.attribute, agreement.group) if agreement else np.zeros(len(images), bool)
     hardness_scale = np.where(agreeing, agreement.hardness_scale if agreement else 1.0, 1.0)
     noise_scale = np.where(agreeing, agreement.noise_scale if agreement else 1.0, 1.0)
+    score_shift = shifted.shift * _members(images, shifted.attribute, shifted.group) if shifted else 0.0
     frames = []
     for task in tasks:
         logit = np.log(prevalence / (1 - prevalence)) + 0.8 * images["subject_latent"].to_numpy()
@@ -139,6 +153,7 @@ def simulate_predictions(
             score = sign * (model_signal - image_hardness) + noise * noise_scale * rng.normal(size=len(images))
             if m < n_planted_models:
                 score = score - planted.shift * planted_positive
+            score = score + score_shift
             prob = 1 / (1 + np.exp(-score))
             frames.append(images.drop(columns="subject_latent").assign(
                 task=task, arch=arch, recipe=f"{task}_{arch}", label=label, prob=prob,
