@@ -64,6 +64,11 @@ def _data_uri(figure: Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def png_bytes(uri: str) -> bytes:
+    """The PNG file of a data URI made by _data_uri."""
+    return base64.b64decode(uri.split(",", 1)[1])
+
+
 def _grid(n_panels: int, *, width: float = 4.0, height: float = 3.6, columns: int = 3):
     columns = max(1, min(columns, n_panels))
     rows = int(np.ceil(n_panels / columns))
@@ -249,4 +254,34 @@ def composition_figure(systematic: pd.DataFrame, *, attribute: str) -> str:
     axis.set_xticks(positions, labels, rotation=90, fontsize=7)
     axis.set(ylim=(0, 1.1), ylabel="share of images", title=f"who is systematically misclassified, by {attribute}")
     axis.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    return _data_uri(figure)
+
+
+MAX_RELIABILITY_PANELS = 6  # overall and up to 5 flagged groups per task (every group is in calibration.csv)
+
+
+def reliability_figure(data: TaskData, groups: list[tuple[str, str, np.ndarray]]) -> str:
+    """Reliability diagram of one task: observed rate against mean predicted probability per
+    ECE bin, one line per model; a panel for all test images, then one per flagged group
+    (attribute, group, image positions). Point area grows with the bin's images."""
+    from cxr_fast.analyze.calibration import reliability_bins
+
+    scopes = [("all test images", np.arange(data.label.size))] + [(f"{a}: {g}", p) for a, g, p in groups]
+    scopes = scopes[:MAX_RELIABILITY_PANELS]
+    figure, axes = _grid(len(scopes), width=3.6, height=3.4)
+    many = len(data.archs) > MAX_MARKERS
+    for axis, (title, positions) in zip(axes, scopes):
+        for m, arch in enumerate(data.archs):
+            bins = reliability_bins(data.label[positions], data.prob[m, positions])
+            style = dict(color="#2c7fb8", alpha=0.4, lw=0.8) if many else dict(lw=1.2, label=arch)
+            line, = axis.plot(bins["mean_predicted"], bins["observed"], marker=None, **style)
+            axis.scatter(bins["mean_predicted"], bins["observed"], s=4 + 60 * bins["n"] / max(positions.size, 1),
+                         color=line.get_color(), alpha=style.get("alpha", 1.0))
+        axis.plot([0, 1], [0, 1], ls=":", color="grey", lw=0.8)
+        axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability", ylabel="observed rate")
+        axis.set_title(f"{data.task}: {title}", fontsize=9, color="black" if title == scopes[0][0] else FLAG_COLOR)
+        if not many:
+            axis.legend(fontsize=6, loc="upper left")
+        else:
+            axis.text(0.98, 0.02, f"{len(data.archs)} models", ha="right", fontsize=7, transform=axis.transAxes)
     return _data_uri(figure)
