@@ -70,20 +70,24 @@ def reliability_bins(label: np.ndarray, prob: np.ndarray, n_bins: int = ECE_BINS
                          "mean_predicted": predicted[filled] / count[filled], "observed": observed[filled] / count[filled]})
 
 
-def recalibration_fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def recalibration_fit(x: np.ndarray, y: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:
     """(M, 2) maximum-likelihood (intercept, slope) of y ~ intercept + slope * x for each row
-    of x (M, n) at once (Newton-Raphson); NaN where y has one class or the fit diverges."""
+    of x (M, n) at once (Newton-Raphson from `start`, e.g. the fit on everybody for a group);
+    NaN where y has one class or the fit diverges."""
     x = np.atleast_2d(np.asarray(x, dtype=float))
     y = np.asarray(y, dtype=float)
     theta = np.zeros((x.shape[0], 2))
     if y.size == 0 or y.min() == y.max():
         return np.full_like(theta, np.nan)
     theta[:, 0] = np.log(y.mean() / (1 - y.mean()))
+    if start is not None:
+        theta = np.where(np.isfinite(start), start, theta)
     for _ in range(_NEWTON_STEPS):
         mu = _sigmoid(theta[:, :1] + theta[:, 1:] * x)
-        score = np.stack([(y - mu).sum(1), ((y - mu) * x).sum(1)], axis=1)
-        variance = mu * (1 - mu)
-        step = _solve_2x2(variance.sum(1), (variance * x).sum(1), (variance * x * x).sum(1), score)
+        residual, variance = y - mu, mu * (1 - mu)
+        variance_x = variance * x
+        score = np.stack([residual.sum(1), (residual * x).sum(1)], axis=1)
+        step = _solve_2x2(variance.sum(1), variance_x.sum(1), (variance_x * x).sum(1), score)
         theta += step
         if np.all(np.abs(step) < 1e-10) or not np.isfinite(theta).all():
             break
@@ -109,12 +113,14 @@ def calibration_values(resampled: Resampled) -> np.ndarray:
     (0 = everybody, then each group) and resample row (0 = the point estimate, in float64)."""
     data, tallies = resampled.data, resampled.tallies
     weights = resampled.weights.astype(np.float32)
-    x_all = logit(data.prob)
-    per_scope = []
+    x_all, bins_all = logit(data.prob), bin_index(data.prob).astype(np.int8)
+    per_scope, overall_fit = [], None
     for s, positions in enumerate(resampled.scopes):
         y, prob, x = data.label[positions].astype(float), data.prob[:, positions], x_all[:, positions]
-        theta = recalibration_fit(x, y)                                                     # (M, 2)
-        sums = scope_sums(weights, data.subject_index, positions, _per_image_terms(y, prob, x, theta))
+        bins = bins_all[:, positions]
+        theta = recalibration_fit(x, y, start=overall_fit)                                  # (M, 2)
+        overall_fit = theta if overall_fit is None else overall_fit  # a group's fit starts from everybody's
+        sums = scope_sums(weights, data.subject_index, positions, _per_image_terms(y, prob, x, bins, theta))
         sums = np.moveaxis(sums.reshape(sums.shape[0], len(data.archs), -1), 0, 2)          # (M, B + 5, 1 + R)
         n = tallies.positives[s] + tallies.negatives[s]                                     # (1 + R,)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -125,18 +131,18 @@ def calibration_values(resampled: Resampled) -> np.ndarray:
         defined = (tallies.positives[s] > 0) & (tallies.negatives[s] > 0)
         one_step = np.where(defined[None, :, None], one_step, np.nan)
         values = np.stack([citl, one_step[..., 1], one_step[..., 0], ece], axis=1)          # (M, C, 1 + R)
-        values[:, :, 0] = _point_values(y, prob, theta)
+        values[:, :, 0] = _point_values(y, prob, bins, theta)
         per_scope.append(values)
     return np.stack(per_scope, axis=1)
 
 
-def _per_image_terms(y: np.ndarray, prob: np.ndarray, x: np.ndarray, theta: np.ndarray) -> np.ndarray:
+def _per_image_terms(y: np.ndarray, prob: np.ndarray, x: np.ndarray, bins: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """(n, M * (ECE_BINS + 5)) float32: per model, p - y in its bin's column (zero in the
     others), then the one-step sums' terms at the point fit `theta`: the score (y - mu,
     (y - mu) x) and the Hessian (v, v x, v x^2) with v = mu (1 - mu)."""
     n_models, n = prob.shape
     terms = np.zeros((n, n_models, ECE_BINS + 5), np.float32)
-    terms[np.arange(n)[None, :], np.arange(n_models)[:, None], bin_index(prob)] = prob - y
+    terms[np.arange(n)[None, :], np.arange(n_models)[:, None], bins] = prob - y
     mu = _sigmoid(theta[:, :1] + theta[:, 1:] * x)
     residual, variance = y - mu, mu * (1 - mu)
     for k, term in enumerate((residual, residual * x, variance, variance * x, variance * x * x)):
@@ -144,11 +150,11 @@ def _per_image_terms(y: np.ndarray, prob: np.ndarray, x: np.ndarray, theta: np.n
     return terms.reshape(n, -1)
 
 
-def _point_values(y: np.ndarray, prob: np.ndarray, theta: np.ndarray) -> np.ndarray:
+def _point_values(y: np.ndarray, prob: np.ndarray, bins: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """(M, C) the CALIBRATION_METRICS of the images as they are, in float64."""
     if y.size == 0:
         return np.full((prob.shape[0], len(CALIBRATION_METRICS)), np.nan)
-    bins = bin_index(prob) + ECE_BINS * np.arange(prob.shape[0])[:, None]
+    bins = bins + ECE_BINS * np.arange(prob.shape[0])[:, None]
     per_bin = np.bincount(bins.ravel(), weights=(prob - y).ravel(), minlength=ECE_BINS * prob.shape[0])
     ece = np.abs(per_bin.reshape(prob.shape[0], ECE_BINS)).sum(axis=1) / y.size
     return np.column_stack([prob.mean(axis=1) - y.mean(), theta[:, 1], theta[:, 0], ece])

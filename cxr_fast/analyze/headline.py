@@ -194,25 +194,36 @@ def _unadjusted_lines(subgroups: pd.DataFrame, unadjusted: pd.DataFrame, models_
 
 
 def calibration_lines(calibration: pd.DataFrame, models_per_task: dict[str, int]) -> list[str]:
-    """One line per task with flagged calibration gaps: the groups whose calibration-in-the-large
-    differs first (the probabilities mean another risk), then those whose slope differs; most
-    models, then largest median gap first."""
+    """One line per task with flagged calibration gaps. Named: the groups flagged for more than
+    half of the task's models (as the adjusted findings), those whose calibration-in-the-large
+    differs first (their probabilities mean another risk), then those whose slope differs; most
+    models, then the largest median gap first. The rest are counted."""
     flagged = calibration[calibration["flagged"]]
     lines = []
     for task, rows in flagged.groupby("task", sort=True):
-        groups = []
+        groups, minority = [], 0
         for (attribute, group), cell in rows.groupby(["attribute", "group"], sort=False):
+            n_flagged = cell["arch"].nunique()
+            if 2 * n_flagged <= models_per_task[task]:
+                minority += 1
+                continue
             citl = cell[cell["metric"] == "citl"]
             main = citl if len(citl) else cell
-            direction = main["direction"].mode().iloc[0]
-            groups.append((len(citl) == 0, -cell["arch"].nunique(), -main["gap_overall"].abs().median(),
-                           f"{_name(attribute, group)} ({direction}, {cell['arch'].nunique()} of {models_per_task[task]} models; "
-                           f"{METRIC_LABELS[main['metric'].iloc[0]]} {_span(main['value'])} vs overall {_span(main['overall'])})"))
+            groups.append((len(citl) == 0, -n_flagged, -main["gap_overall"].abs().median(),
+                           f"{_name(attribute, group)} ({main['direction'].mode().iloc[0]}, {n_flagged} of "
+                           f"{models_per_task[task]} models; {METRIC_LABELS[main['metric'].iloc[0]]} "
+                           f"{_span(main['value'])} vs overall {_span(main['overall'])})"))
         groups.sort(key=lambda g: g[:3])
         shown = [text for *_, text in groups[:MAX_CALIBRATION_GROUPS]]
-        more = f"; and {len(groups) - len(shown)} more (calibration.csv)" if len(groups) > len(shown) else ""
-        lines.append(f"{task}: the probabilities mean another risk than overall (calibration gap flagged) for "
-                     + "; ".join(shown) + more + ".")
+        rest = [f"{len(groups) - len(shown)} more" if len(groups) > len(shown) else "",
+                f"{minority} flagged for at most half of the models" if minority else ""]
+        rest = " and ".join(filter(None, rest))
+        if shown:
+            lines.append(f"{task}: the probabilities mean another risk than overall (calibration gap flagged) for "
+                         + "; ".join(shown) + (f"; {rest} (calibration.csv)" if rest else "") + ".")
+        else:
+            lines.append(f"{task}: calibration gaps flagged only for at most half of the task's models "
+                         f"({minority} group(s), calibration.csv).")
     return lines
 
 
