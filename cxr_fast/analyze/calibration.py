@@ -14,8 +14,9 @@ of them have the finding. Per model and scope (everybody, then each group):
 Every value comes for the point estimate and every patient-level resample of the task
 (Resampled.weights, the rows the other tables use) and goes through the same interval and
 test functions as the subgroup gaps (performance.interval_columns). Cheap at study size:
-- ECE and citl are sums of (p - y) per bin: one column per bin and model, summed over
-  patients with the subject weights (resampled.scope_sums, the product the tallies use);
+- ECE and citl are sums of (p - y) per bin: one column per bin and model, summed per patient
+  (bincount) and then over patients with the subject weights (one float32 product per group,
+  as the tallies);
 - slope and intercept are refitted per resample by one Newton step from the point estimate
   (the one-step bootstrap, Davison, Hinkley & Schechtman 1986): the step needs the score and
   Hessian sums at the point estimate, which are again sums of per-image terms, so all 1,000
@@ -38,7 +39,7 @@ from scipy import stats
 
 from cxr_fast.analyze.bootstrap import percentile_interval, wald_z
 from cxr_fast.analyze.parallel import blas_single_threaded
-from cxr_fast.analyze.resampled import Resampled, resampled_tasks, scope_sums
+from cxr_fast.analyze.resampled import Resampled, resampled_tasks
 from cxr_fast.analyze.stats import benjamini_hochberg
 
 ECE_BINS = 10
@@ -112,7 +113,8 @@ def calibration_values(resampled: Resampled) -> np.ndarray:
     """(M, S, C, 1 + R): every CALIBRATION_METRICS value of every model in every scope
     (0 = everybody, then each group) and resample row (0 = the point estimate, in float64)."""
     data, tallies = resampled.data, resampled.tallies
-    weights = resampled.weights.astype(np.float32)
+    # Subjects as rows: a group's weights are then a gather of whole rows (contiguous copies).
+    weights_t = np.ascontiguousarray(resampled.weights.T, dtype=np.float32)               # (subjects, 1 + R)
     x_all, bins_all = logit(data.prob), bin_index(data.prob).astype(np.int8)
     per_scope, overall_fit = [], None
     for s, positions in enumerate(resampled.scopes):
@@ -120,8 +122,12 @@ def calibration_values(resampled: Resampled) -> np.ndarray:
         bins = bins_all[:, positions]
         theta = recalibration_fit(x, y, start=overall_fit)                                  # (M, 2)
         overall_fit = theta if overall_fit is None else overall_fit  # a group's fit starts from everybody's
-        sums = scope_sums(weights, data.subject_index, positions, _per_image_terms(y, prob, x, bins, theta))
-        sums = np.moveaxis(sums.reshape(sums.shape[0], len(data.archs), -1), 0, 2)          # (M, B + 5, 1 + R)
+        subjects, inverse = np.unique(data.subject_index[positions], return_inverse=True)
+        by_subject = _subject_terms(inverse, subjects.size, y, prob, x, bins, theta)       # (subjects, M * (B + 5))
+        # Every subject (scope 0): the weights as they are, no gathered copy.
+        scope_weights = weights_t if subjects.size == weights_t.shape[0] else weights_t[subjects]
+        sums = (by_subject.T @ scope_weights).astype(np.float64)                            # (M * (B + 5), 1 + R)
+        sums = sums.reshape(len(data.archs), ECE_BINS + 5, -1)                              # (M, B + 5, 1 + R)
         n = tallies.positives[s] + tallies.negatives[s]                                     # (1 + R,)
         with np.errstate(divide="ignore", invalid="ignore"):
             citl = sums[:, :ECE_BINS].sum(axis=1) / n
@@ -136,18 +142,23 @@ def calibration_values(resampled: Resampled) -> np.ndarray:
     return np.stack(per_scope, axis=1)
 
 
-def _per_image_terms(y: np.ndarray, prob: np.ndarray, x: np.ndarray, bins: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """(n, M * (ECE_BINS + 5)) float32: per model, p - y in its bin's column (zero in the
-    others), then the one-step sums' terms at the point fit `theta`: the score (y - mu,
-    (y - mu) x) and the Hessian (v, v x, v x^2) with v = mu (1 - mu)."""
-    n_models, n = prob.shape
-    terms = np.zeros((n, n_models, ECE_BINS + 5), np.float32)
-    terms[np.arange(n)[None, :], np.arange(n_models)[:, None], bins] = prob - y
+def _subject_terms(subject: np.ndarray, n_subjects: int, y: np.ndarray, prob: np.ndarray, x: np.ndarray,
+                   bins: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """(n_subjects, M * (ECE_BINS + 5)) float32 per-subject sums of, per model: p - y in the
+    column of its bin (ECE_BINS columns), then the one-step sums' terms at the point fit
+    `theta`: the score (y - mu, (y - mu) x) and the Hessian (v, v x, v x^2), v = mu (1 - mu).
+    One bincount over (subject, model, column) codes: no dense image-level matrix whose bin
+    columns are mostly zero."""
+    n_models = prob.shape[0]
+    width = ECE_BINS + 5
+    column = subject[None, :] * (n_models * width) + np.arange(n_models)[:, None] * width   # (M, n) first column
     mu = _sigmoid(theta[:, :1] + theta[:, 1:] * x)
     residual, variance = y - mu, mu * (1 - mu)
-    for k, term in enumerate((residual, residual * x, variance, variance * x, variance * x * x)):
-        terms[:, :, ECE_BINS + k] = term.T
-    return terms.reshape(n, -1)
+    terms = (residual, residual * x, variance, variance * x, variance * x * x)
+    codes = np.stack([column + bins] + [column + ECE_BINS + k for k in range(len(terms))])
+    values = np.stack([prob - y, *terms])
+    sums = np.bincount(codes.ravel(), weights=values.ravel(), minlength=n_subjects * n_models * width)
+    return sums.astype(np.float32).reshape(n_subjects, n_models * width)
 
 
 def _point_values(y: np.ndarray, prob: np.ndarray, bins: np.ndarray, theta: np.ndarray) -> np.ndarray:

@@ -231,7 +231,8 @@ def _systematic_lines(systematic: pd.DataFrame, unadjusted: pd.DataFrame, *, thr
     """Over-representation among systematic errors, for the unadjusted groups."""
     reasons = dict(zip(zip(unadjusted["task"], unadjusted["attribute"], unadjusted["group"]), unadjusted["reason"]))
     flagged = systematic[systematic["flagged"]]
-    flagged = flagged[[key in reasons for key in zip(flagged["task"], flagged["attribute"], flagged["group"])]]
+    flagged = flagged.loc[np.array([key in reasons for key in zip(flagged["task"], flagged["attribute"], flagged["group"])],
+                                   dtype=bool)]
     lines = []
     for row in flagged.sort_values("q_value", kind="stable").itertuples(index=False):
         kind, base = (("systematically missed positives (false negatives)", "positives") if row.error == "false_negative"
