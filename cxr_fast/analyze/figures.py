@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from cxr_fast.analyze.calibration import reliability_bins
 from cxr_fast.analyze.groups import group_sort_key
 from cxr_fast.analyze.inputs import TaskData
 from cxr_fast.analyze.parallel import process_pool, processes_pay, workers
@@ -264,8 +265,6 @@ def reliability_figure(data: TaskData, groups: list[tuple[str, str, np.ndarray]]
     """Reliability diagram of one task: observed rate against mean predicted probability per
     ECE bin, one line per model; a panel for all test images, then one per flagged group
     (attribute, group, image positions). Point area grows with the bin's images."""
-    from cxr_fast.analyze.calibration import reliability_bins
-
     scopes = [("all test images", np.arange(data.label.size))] + [(f"{a}: {g}", p) for a, g, p in groups]
     scopes = scopes[:MAX_RELIABILITY_PANELS]
     figure, axes = _grid(len(scopes), width=3.6, height=3.4)

@@ -335,12 +335,17 @@ def figure_jobs(analysis: Analysis) -> figures.Jobs:
 
 
 def flagged_calibration_groups(calibration: pd.DataFrame, data) -> list[tuple[str, str, np.ndarray]]:
-    """The task's groups with a flagged calibration gap, most models flagged first, with
+    """The task's groups with a flagged calibration gap, in the headline's order (a flagged
+    calibration-in-the-large first, then most models, then the largest median gap), with
     their image positions (the reliability diagram's panels)."""
     flagged = calibration[(calibration["task"] == data.task) & calibration["flagged"]]
-    counts = flagged.groupby(["attribute", "group"])["arch"].nunique().sort_values(ascending=False, kind="stable")
-    positions = {(a, g): p for a, g, p in iter_groups(data.images)} if len(counts) else {}
-    return [(a, g, positions[a, g]) for a, g in counts.index[: figures.MAX_RELIABILITY_PANELS - 1]]
+    by_group = flagged.groupby(["attribute", "group"])
+    order = pd.DataFrame({"citl": by_group["metric"].agg(lambda metrics: (metrics == "citl").any()),
+                          "models": by_group["arch"].nunique(),
+                          "gap": by_group["gap_overall"].agg(lambda gaps: gaps.abs().median())})
+    order = order.sort_values(["citl", "models", "gap"], ascending=False, kind="stable")
+    positions = {(a, g): p for a, g, p in iter_groups(data.images)} if len(order) else {}
+    return [(a, g, positions[a, g]) for a, g in order.index[: figures.MAX_RELIABILITY_PANELS - 1]]
 
 
 def render_html(analysis: Analysis, uris: dict | None = None) -> str:
