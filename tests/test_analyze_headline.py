@@ -11,7 +11,7 @@ import pytest
 
 from cxr_fast.analyze import Settings, analyze
 from cxr_fast.analyze.headline import headline, overlaps
-from cxr_fast.analyze.report import _headline, headline_findings
+from cxr_fast.analyze.report import headline_and_findings, headline_findings
 from cxr_fast.analyze.simulate import PlantedMiss, PlantedShift, simulate_predictions, write_prediction_files
 
 SCENARIO = dict(tasks=("effusion",), n_images=3000, prevalence=0.4)
@@ -40,7 +40,7 @@ def intersection(tmp_path_factory):
 
 def test_a_planted_intersection_leads_alone_and_its_parents_are_explained_by_it(intersection):
     group, analysis = intersection
-    lines, findings = _headline(analysis)
+    lines, findings = headline_and_findings(analysis)
     leading = {(row["attribute"], row["group"]) for row in findings["adjusted"]}
     assert leading == {("sex x race", group)}, findings["adjusted"]
     assert lines[0].startswith(f"effusion: sex x race = {group} misses more of its positives, after adjustment")
@@ -64,7 +64,7 @@ def two_main_effects(tmp_path_factory):
 
 def test_two_independent_main_effects_both_lead_and_their_intersection_does_not(two_main_effects):
     sex, analysis = two_main_effects
-    lines, findings = _headline(analysis)
+    lines, findings = headline_and_findings(analysis)
     leading = [(row["attribute"], row["group"]) for row in findings["adjusted"]]
     assert set(leading) == {("sex", sex), ("race", "Black")}, leading
     assert ("sex x race", f"{sex} & Black") not in leading

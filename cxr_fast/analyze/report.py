@@ -74,10 +74,10 @@ def models_per_task(analysis: Analysis) -> dict[str, int]:
 
 def headline_findings(analysis: Analysis) -> list[str]:
     """Plain-language sentences, most important first (plain text; the HTML escapes them)."""
-    return _headline(analysis)[0]
+    return headline_and_findings(analysis)[0]
 
 
-def _headline(analysis: Analysis) -> tuple[list[str], dict[str, list[dict]]]:
+def headline_and_findings(analysis: Analysis) -> tuple[list[str], dict[str, list[dict]]]:
     settings, tables = analysis.settings, analysis.tables
     lines, structured = headline(tables, models_per_task=models_per_task(analysis), fdr=settings.fdr,
                                  threshold=settings.systematic_threshold)
@@ -394,7 +394,7 @@ def _records_of(structured: dict[str, list[dict]]) -> dict[str, list[dict]]:
 
 
 def summary(analysis: Analysis) -> dict:
-    lines, structured = _headline(analysis)
+    lines, structured = headline_and_findings(analysis)
     return {
         "settings": dataclasses.asdict(analysis.settings),
         "pred_dir": str(analysis.pred_dir),
