@@ -62,13 +62,19 @@ def bin_index(prob: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
 
 def reliability_bins(label: np.ndarray, prob: np.ndarray, n_bins: int = ECE_BINS) -> pd.DataFrame:
     """The non-empty bins: images, mean predicted probability, observed rate (the diagram's points)."""
+    bins, count, predicted, observed = bin_points(label, prob, n_bins)
+    return pd.DataFrame({"bin": bins, "n": count, "mean_predicted": predicted, "observed": observed})
+
+
+def bin_points(label: np.ndarray, prob: np.ndarray, n_bins: int = ECE_BINS
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """reliability_bins as arrays: bin numbers, images, mean predicted, observed rate."""
     bins = bin_index(prob, n_bins)
     count = np.bincount(bins, minlength=n_bins)
     predicted = np.bincount(bins, weights=prob, minlength=n_bins)
     observed = np.bincount(bins, weights=np.asarray(label, dtype=float), minlength=n_bins)
-    filled = count > 0
-    return pd.DataFrame({"bin": np.flatnonzero(filled), "n": count[filled],
-                         "mean_predicted": predicted[filled] / count[filled], "observed": observed[filled] / count[filled]})
+    filled = np.flatnonzero(count > 0)
+    return filled, count[filled], predicted[filled] / count[filled], observed[filled] / count[filled]
 
 
 def recalibration_fit(x: np.ndarray, y: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:

@@ -340,9 +340,12 @@ def flagged_calibration_groups(calibration: pd.DataFrame, data) -> list[tuple[st
     their image positions (the reliability diagram's panels)."""
     flagged = calibration[(calibration["task"] == data.task) & calibration["flagged"]]
     by_group = flagged.groupby(["attribute", "group"])
+    citl = flagged[flagged["metric"] == "citl"].groupby(["attribute", "group"])["gap_overall"]
     order = pd.DataFrame({"citl": by_group["metric"].agg(lambda metrics: (metrics == "citl").any()),
                           "models": by_group["arch"].nunique(),
-                          "gap": by_group["gap_overall"].agg(lambda gaps: gaps.abs().median())})
+                          # a group's gap in the metric it is named by: citl where flagged, else the slope
+                          "gap": citl.agg(lambda gaps: gaps.abs().median()).reindex(
+                              list(by_group.groups)).fillna(by_group["gap_overall"].agg(lambda gaps: gaps.abs().median()))})
     order = order.sort_values(["citl", "models", "gap"], ascending=False, kind="stable")
     positions = {(a, g): p for a, g, p in iter_groups(data.images)} if len(order) else {}
     return [(a, g, positions[a, g]) for a, g in order.index[: figures.MAX_RELIABILITY_PANELS - 1]]
