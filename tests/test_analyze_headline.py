@@ -11,7 +11,7 @@ import pytest
 
 from cxr_fast.analyze import Settings, analyze
 from cxr_fast.analyze.headline import headline, overlaps
-from cxr_fast.analyze.report import headline_and_findings, headline_findings
+from cxr_fast.analyze.report import flagged_calibration_groups, headline_and_findings, headline_findings
 from cxr_fast.analyze.simulate import PlantedMiss, PlantedShift, simulate_predictions, write_prediction_files
 
 SCENARIO = dict(tasks=("effusion",), n_images=3000, prevalence=0.4)
@@ -104,9 +104,11 @@ def test_headline_counts_each_task_s_own_models(tmp_path):
 def test_the_headline_names_a_miscalibrated_group(tmp_path):
     predictions = simulate_predictions(**SCENARIO, signal=0.8, noise=1.2,
                                        shifted=PlantedShift(attribute="race", group="Black", shift=1.0), seed=1)
-    lines = headline_findings(_analysis(tmp_path, predictions))
-    line = next(line for line in lines if "calibration gap flagged" in line)
+    analysis = _analysis(tmp_path, predictions)
+    line = next(line for line in headline_findings(analysis) if "calibration gap flagged" in line)
     assert "race = Black (over-predicts risk, 3 of 3 models" in line
+    # The reliability diagram's first group panel is the shifted group.
+    assert flagged_calibration_groups(analysis.tables["calibration"], analysis.tasks[0])[0][:2] == ("race", "Black")
 
 
 def test_groups_overlap_unless_they_differ_on_a_shared_attribute():
