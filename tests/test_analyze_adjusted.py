@@ -14,7 +14,7 @@ from statsmodels.genmod.families import Binomial
 from cxr_fast.analyze import consistency_table, subgroup_table
 from cxr_fast.analyze.adjusted import ClassImages, adjusted_table, build_design, term_column
 from cxr_fast.analyze.inputs import task_data
-from cxr_fast.analyze.report import format_q
+from cxr_fast.analyze.headline import format_q
 from cxr_fast.analyze.simulate import PlantedAgreement, PlantedMiss, simulate_predictions
 from cxr_fast.analyze.systematic import ERRORS
 

@@ -3,6 +3,7 @@ summary.json records what the CSVs do not (settings, definitions, per-task summa
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -16,7 +17,7 @@ from cxr_fast.analyze.__main__ import main
 from cxr_fast.errors import run_cli
 from pred_fixtures import simulate_predictions, write_frames, write_pred_dir
 
-TABLES = ("models", "subgroups", "consistency", "systematic", "systematic_images", "adjusted")
+TABLES = ("models", "subgroups", "consistency", "systematic", "systematic_images", "adjusted", "calibration")
 
 
 def run_expecting_error(argv: list[str], capsys) -> str:
@@ -82,7 +83,12 @@ def report(tmp_path_factory):
 
 def test_report_files(report):
     _, out = report
-    assert sorted(path.name for path in out.iterdir()) == sorted(["index.html", "summary.json", "gallery.csv"] + [f"{t}.csv" for t in TABLES])
+    assert sorted(path.name for path in out.iterdir()) == sorted(
+        ["index.html", "summary.json", "gallery.csv"] + [f"{t}.csv" for t in TABLES] + [f"reliability_{t}.png" for t in ("edema", "effusion")])
+    page = (out / "index.html").read_text()
+    for task in ("edema", "effusion"):  # the diagram's file is the report's figure
+        png = base64.b64encode((out / f"reliability_{task}.png").read_bytes()).decode("ascii")
+        assert f'src="data:image/png;base64,{png}"' in page
 
 
 def test_html_is_one_self_contained_file_with_figures(report):
@@ -91,9 +97,9 @@ def test_html_is_one_self_contained_file_with_figures(report):
     assert "http" not in page and "<link" not in page and "<script" not in page and "url(" not in page
     sources = re.findall(r'src="([^"]*)"', page)
     assert sources and all(source.startswith("data:image/png;base64,") for source in sources)
-    # ROC grid + one forest plot per task + 2 kappa figures + 3 composition charts.
-    assert len(sources) == 1 + 2 + 2 + 3
-    for heading in ("Headline findings", "How to read this report", "Subgroups", "Error consistency",
+    # ROC grid + one forest plot per task + 2 kappa figures + 3 composition charts + one reliability diagram per task.
+    assert len(sources) == 1 + 2 + 2 + 3 + 2
+    for heading in ("Headline findings", "How to read this report", "Subgroups", "Calibration", "Error consistency",
                     "Systematic misclassification"):
         assert heading in page
     assert page.index("Headline findings") < page.index("<h2>Models</h2>")
@@ -112,6 +118,9 @@ def test_summary_json_records_settings_and_does_not_repeat_the_csvs(report):
         assert summary["files"][f"{table}.csv"] == len(pd.read_csv(out / f"{table}.csv"))
     flagged = pd.read_csv(out / "subgroups.csv").query("flagged")
     assert sum(row["models_flagged"] for row in summary["task_summary"]) == len(flagged)
+    flagged = pd.read_csv(out / "calibration.csv").query("flagged")
+    assert sum(row["models_flagged"] for row in summary["calibration_summary"]) == len(flagged)
+    assert set(summary["findings"]) == {"adjusted", "explained", "unadjusted"}
 
 
 def test_tables_are_reproducible_with_the_same_seed(report):

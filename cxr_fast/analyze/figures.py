@@ -17,8 +17,10 @@ from typing import Any
 import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
+from cxr_fast.analyze.calibration import bin_points
 from cxr_fast.analyze.groups import group_sort_key
 from cxr_fast.analyze.inputs import TaskData
 from cxr_fast.analyze.parallel import process_pool, processes_pay, workers
@@ -62,6 +64,11 @@ def _data_uri(figure: Figure) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def png_bytes(uri: str) -> bytes:
+    """The PNG file of a data URI made by _data_uri."""
+    return base64.b64decode(uri.split(",", 1)[1])
 
 
 def _grid(n_panels: int, *, width: float = 4.0, height: float = 3.6, columns: int = 3):
@@ -249,4 +256,33 @@ def composition_figure(systematic: pd.DataFrame, *, attribute: str) -> str:
     axis.set_xticks(positions, labels, rotation=90, fontsize=7)
     axis.set(ylim=(0, 1.1), ylabel="share of images", title=f"who is systematically misclassified, by {attribute}")
     axis.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    return _data_uri(figure)
+
+
+MAX_RELIABILITY_PANELS = 6  # overall and up to 5 flagged groups per task (every group is in calibration.csv)
+
+
+def reliability_figure(data: TaskData, groups: list[tuple[str, str, np.ndarray]]) -> str:
+    """Reliability diagram of one task: observed rate against mean predicted probability per
+    ECE bin, one line per model; a panel for all test images, then one per flagged group
+    (attribute, group, image positions). Up to MAX_MARKERS models each line is named and its
+    points sized by the bin's images; beyond that the lines are drawn alike, as one artist."""
+    scopes = [("all test images", np.arange(data.label.size))] + [(f"{a}: {g}", p) for a, g, p in groups]
+    scopes = scopes[:MAX_RELIABILITY_PANELS]
+    figure, axes = _grid(len(scopes), width=3.6, height=3.4)
+    many = len(data.archs) > MAX_MARKERS
+    for axis, (title, positions) in zip(axes, scopes):
+        curves = [bin_points(data.label[positions], data.prob[m, positions]) for m in range(len(data.archs))]
+        if many:
+            axis.add_collection(LineCollection([np.column_stack([predicted, observed]) for _, _, predicted, observed in curves],
+                                               colors="#2c7fb8", alpha=0.4, linewidths=0.8))
+            axis.text(0.98, 0.02, f"{len(data.archs)} models", ha="right", fontsize=7, transform=axis.transAxes)
+        else:
+            for arch, (_, count, predicted, observed) in zip(data.archs, curves):
+                line, = axis.plot(predicted, observed, lw=1.2, label=arch)
+                axis.scatter(predicted, observed, s=4 + 60 * count / max(positions.size, 1), color=line.get_color())
+            axis.legend(fontsize=6, loc="upper left")
+        axis.plot([0, 1], [0, 1], ls=":", color="grey", lw=0.8)
+        axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability", ylabel="observed rate")
+        axis.set_title(f"{data.task}: {title}", fontsize=9, color="black" if title == scopes[0][0] else FLAG_COLOR)
     return _data_uri(figure)

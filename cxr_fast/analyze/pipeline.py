@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from cxr_fast.analyze.adjusted import adjusted_table
+from cxr_fast.analyze.calibration import ECE_BINS, calibration_rows, calibration_values, flag_calibration
 from cxr_fast.analyze.consistency import consistency_frame, task_consistency
 from cxr_fast.analyze.inputs import TaskData, load_predictions, task_data
 from cxr_fast.analyze.performance import FLAG_METRICS, flag_subgroups, model_rows, subgroup_rows
@@ -95,6 +96,16 @@ DEFINITIONS = {
         "agree no more on whom they fail in the group), one Benjamini-Hochberg family over groups with >= "
         "min_count positives and negatives. Flagged = q <= fdr and gap > 0."
     ),
+    "calibration": (
+        "Calibration per model and group: calibration-in-the-large (citl = mean predicted probability minus observed "
+        "rate), slope and intercept of the logistic recalibration label ~ intercept + slope * logit(p) (perfect: 0 "
+        f"and 1; slope < 1: probabilities too extreme), expected calibration error (ece) over {ECE_BINS} equal-width "
+        "bins of [0, 1] (a probability on a bin edge counts in the lower bin). Intervals and tests as for the "
+        "subgroup gaps, from the same patient resamples (slope and intercept per resample by one Newton step from "
+        "the fit). One Benjamini-Hochberg family for the whole table over the two-sided gap-to-overall tests of "
+        "citl and slope in groups with >= min_count positives and negatives; flagged = q <= fdr. ECE and the "
+        "intercept are reported, not tested (ECE grows as a group shrinks; the intercept restates citl)."
+    ),
     "systematic": "An image is systematically misclassified when share of models wrong >= systematic_threshold.",
     "undefined": "AUROC and balanced accuracy are NaN for a group with one class only; PPV/NPV NaN with no predicted positives/negatives.",
 }
@@ -126,19 +137,22 @@ def resampled_tables(tasks: list[TaskData], settings: Settings) -> dict[str, pd.
     Tasks run in threads: their arithmetic is numpy and the AUROC kernel, which release the GIL.
     Each thread draws its task's weights, so only the running tasks' weights are in memory."""
 
-    def one_task(data: TaskData) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+    def one_task(data: TaskData) -> tuple[pd.DataFrame, pd.DataFrame, list, pd.DataFrame]:
         resampled = resample(data, n_bootstrap=settings.n_bootstrap, seed=settings.seed)
         overall, by_group = metric_values(resampled)
         return (model_rows(resampled, overall, level=settings.ci_level),
                 subgroup_rows(resampled, overall, by_group, min_count=settings.min_count, level=settings.ci_level),
-                task_consistency(resampled, level=settings.ci_level, min_count=settings.min_count))
+                task_consistency(resampled, level=settings.ci_level, min_count=settings.min_count),
+                calibration_rows(resampled, calibration_values(resampled), min_count=settings.min_count,
+                                 level=settings.ci_level))
 
     with ThreadPoolExecutor(max_workers=workers()) as pool:
-        models, subgroups, consistency = zip(*pool.map(one_task, tasks))
+        models, subgroups, consistency, calibration = zip(*pool.map(one_task, tasks))
     return {
         "models": pd.concat(models, ignore_index=True),
         "subgroups": flag_subgroups(pd.concat(subgroups, ignore_index=True), fdr=settings.fdr),
         "consistency": consistency_frame(list(consistency), fdr=settings.fdr),
+        "calibration": flag_calibration(pd.concat(calibration, ignore_index=True), fdr=settings.fdr),
     }
 
 

@@ -16,21 +16,14 @@ import pandas as pd
 from cxr_fast.analyze import figures
 from cxr_fast.analyze.gallery import Gallery
 from cxr_fast.analyze.gallery_html import DUA_WARNING, GALLERY_CSS, gallery_section
-from cxr_fast.analyze.groups import group_sort_key
+from cxr_fast.analyze.groups import group_sort_key, iter_groups
+from cxr_fast.analyze.headline import METRIC_LABELS, headline
 from cxr_fast.analyze.pipeline import DEFINITIONS, Analysis, versions
 from cxr_fast.errors import CxrError
 from cxr_fast.io import atomic_folder, write_bytes, write_csv, write_json
 from cxr_fast.metrics import MODEL_METRICS
 from cxr_fast.schema import DEMOGRAPHICS
 
-METRIC_LABELS = {
-    "prevalence": "prevalence", "auroc": "AUROC", "balanced_accuracy": "balanced accuracy",
-    "sensitivity": "sensitivity", "specificity": "specificity", "ppv": "PPV", "npv": "NPV", "fnr": "FNR", "fpr": "FPR",
-}
-HARM_WORDS = {
-    "fnr": "misses more positives (higher FNR)", "fpr": "more false alarms (higher FPR)",
-    "balanced_accuracy": "lower balanced accuracy", "auroc": "lower AUROC",
-}
 TOP_IMAGES = 25
 
 CSS = """
@@ -55,15 +48,6 @@ def _number(value, digits: int = 3) -> str:
     return html.escape(str(value))
 
 
-# Below this a q-value has underflowed (to 0 or a subnormal): print a bound, not "q <= 0".
-SMALLEST_Q = 1e-300
-
-
-def format_q(q: float) -> str:
-    """`q <= 0.0012`, or `q < 1e-300` for a q-value that underflowed."""
-    return f"q < {SMALLEST_Q:g}" if q < SMALLEST_Q else f"q <= {q:.2g}"
-
-
 def _with_ci(value, low, high) -> str:
     return f"{_number(value)} [{_number(low)}, {_number(high)}]"
 
@@ -86,66 +70,31 @@ def _figure(uri: str, alt: str) -> str:
 
 # --- headline findings ----------------------------------------------------------------------
 
+def models_per_task(analysis: Analysis) -> dict[str, int]:
+    return {data.task: len(data.archs) for data in analysis.tasks}
+
+
 def headline_findings(analysis: Analysis) -> list[str]:
     """Plain-language sentences, most important first (plain text; the HTML escapes them)."""
-    settings = analysis.settings
-    lines = _subgroup_headlines(analysis.tables["subgroups"], fdr=settings.fdr)
-    lines += _systematic_headlines(analysis.tables["systematic"], threshold=settings.systematic_threshold)
-    means = analysis.tables["consistency"]
+    return headline_and_findings(analysis)[0]
+
+
+def headline_and_findings(analysis: Analysis) -> tuple[list[str], dict[str, list[dict]]]:
+    settings, tables = analysis.settings, analysis.tables
+    lines, structured = headline(tables, models_per_task=models_per_task(analysis), fdr=settings.fdr,
+                                 threshold=settings.systematic_threshold)
+    means = tables["consistency"]
     means = means[(means["kind"] == "mean") & (means["attribute"] == "overall")]
     if not means.empty:
         lines.append("Mean error consistency between models (kappa; 0 = independent errors, 1 = identical errors): " + ", ".join(
             f"{row.task} {row.kappa:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}]" for row in means.itertuples()) + ".")
-    subgroups = analysis.tables["subgroups"]
+    subgroups = tables["subgroups"]
     undefined = subgroups[(subgroups["metric"] == "auroc") & subgroups["value"].isna()]
     if len(undefined):
         groups = sorted(set(zip(undefined["task"], undefined["attribute"], undefined["group"])))
         lines.append(f"AUROC is undefined (NaN) for {len(groups)} task/group combination(s) with one class only, e.g. "
                      + ", ".join(f"{t}: {a} = {g}" for t, a, g in groups[:4]) + ".")
-    return lines
-
-
-def _span(values: pd.Series, fmt: str = "{:.2f}") -> str:
-    low, high = values.min(), values.max()
-    return fmt.format(low) if np.isclose(low, high) else f"{fmt.format(low)}-{fmt.format(high)}"
-
-
-def _subgroup_headlines(subgroups: pd.DataFrame, *, fdr: float) -> list[str]:
-    """One sentence per flagged group: in how many tasks, for how many models, by how much."""
-    flagged = subgroups[subgroups["flagged"]]
-    if flagged.empty:
-        return [f"No subgroup gap survives Benjamini-Hochberg correction at q = {fdr}: no group is "
-                "significantly worse served than the test set as a whole."]
-    n_tasks = subgroups["task"].nunique()
-    n_models = subgroups[["task", "arch"]].drop_duplicates().shape[0]
-    ranked = sorted(flagged.groupby(["attribute", "group"]), key=lambda kv: (-kv[1]["task"].nunique(), -len(kv[1])))
-    lines = []
-    for (attribute, group), rows in ranked:
-        tasks = sorted(rows["task"].unique())
-        parts = [f"{HARM_WORDS[metric]} for {cell[['task', 'arch']].drop_duplicates().shape[0]} of {n_models} models "
-                 f"({METRIC_LABELS[metric]} {_span(cell['value'])} vs overall {_span(cell['overall'])})"
-                 for metric, cell in rows.groupby("metric", sort=False)]
-        lines.append(f"{attribute} = {group} is served worse than overall in {len(tasks)} of {n_tasks} task(s) "
-                     f"({', '.join(tasks)}): " + "; ".join(parts) + ".")
-    return lines
-
-
-def _systematic_headlines(systematic: pd.DataFrame, *, threshold: float) -> list[str]:
-    flagged = systematic[systematic["flagged"]]
-    if flagged.empty:
-        return ["No group is significantly over-represented among systematically misclassified images "
-                f"(>= {threshold:.0%} of models wrong)."]
-    n_tasks = systematic["task"].nunique()
-    lines = []
-    ranked = sorted(flagged.groupby(["attribute", "group", "error"]), key=lambda kv: (-len(kv[1]), kv[1]["q_value"].min()))
-    for (attribute, group, error), rows in ranked:
-        kind, base = (("systematically missed positives (false negatives)", "positives") if error == "false_negative"
-                      else ("systematic false positives", "negatives"))
-        lines.append(f"{attribute} = {group} is over-represented among {kind} in {len(rows)} of {n_tasks} task(s) "
-                     f"({', '.join(sorted(rows['task']))}): {_span(rows['share_of_systematic'], '{:.0%}')} of them vs "
-                     f"{_span(rows['share_of_class'], '{:.0%}')} of all {base} (odds ratio {_span(rows['odds_ratio'], '{:.1f}')}, "
-                     f"{format_q(rows['q_value'].max())}).")
-    return lines
+    return lines, structured
 
 
 # --- HTML sections --------------------------------------------------------------------------
@@ -301,6 +250,42 @@ def _systematic_section(systematic: pd.DataFrame, images: pd.DataFrame, composit
                if len(top) else "<p>No image reaches the threshold.</p>"))
 
 
+def _calibration_section(calibration: pd.DataFrame, reliability_uris: dict[str, str]) -> str:
+    summary = task_summary(calibration)
+    shown = calibration[calibration["attribute"] == "overall"]
+    overall = shown.assign(cell=[_with_ci(*v) for v in zip(shown["value"], shown["ci_low"], shown["ci_high"])]).pivot_table(
+        index=["task", "arch"], columns="metric", values="cell", aggfunc="first").reset_index()
+    overall = overall.rename(columns={"arch": "model", **METRIC_LABELS})
+    parts = ["<h2>Calibration</h2>", f"<p>{DEFINITIONS['calibration']}</p>",
+             "<h3>Per task: groups with flagged calibration gaps</h3>",
+             _table(_summary_display(summary), left=("task", "attribute", "group", "metric", "models flagged", "range over models"))
+             if len(summary) else "<p>No flagged calibration gap.</p>",
+             "<details><summary>Every model on all test images [95% CI]</summary>"
+             + _table(overall, left=tuple(overall.columns)) + "</details>"]
+    for task, uri in reliability_uris.items():
+        flagged = calibration[(calibration["task"] == task) & calibration["flagged"]]
+        parts.append(f"<h3>{html.escape(task)}: reliability diagram</h3>"
+                     + _figure(uri, f"reliability diagram, {task}: all test images and flagged groups")
+                     + f"<p class=note>Also reliability_{html.escape(task)}.png beside this page.</p>")
+        if len(flagged):
+            parts.append(f"<details><summary>{html.escape(task)}: flagged calibration gaps per model ({len(flagged)} rows)"
+                         "</summary>" + _table(_calibration_display(flagged), flag_column="flagged",
+                                               left=("model", "attribute", "group", "metric", "value [95% CI]",
+                                                     "gap to overall [95% CI]", "direction")) + "</details>")
+    return "".join(parts)
+
+
+def _calibration_display(rows: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "model": rows["arch"], "attribute": rows["attribute"], "group": rows["group"], "n": rows["n"],
+        "metric": rows["metric"].map(METRIC_LABELS),
+        "value [95% CI]": [_with_ci(*v) for v in zip(rows["value"], rows["ci_low"], rows["ci_high"])],
+        "overall": rows["overall"],
+        "gap to overall [95% CI]": [_with_ci(*v) for v in zip(rows["gap_overall"], rows["gap_overall_ci_low"], rows["gap_overall_ci_high"])],
+        "direction": rows["direction"], "q": rows["q_value"], "flagged": rows["flagged"],
+    })
+
+
 def _adjusted_display(adjusted: pd.DataFrame) -> pd.DataFrame:
     """One row per (task, error, group) flagged by either analysis: the systematic-error
     regression beside the univariate OR, and how many models' own errors flag the group."""
@@ -346,7 +331,26 @@ def figure_jobs(analysis: Analysis) -> figures.Jobs:
                  "mean_kappa": (figures.mean_kappa_figure, dict(consistency=consistency))}
     jobs |= {("composition", a): (figures.composition_figure, dict(systematic=tables["systematic"], attribute=a))
              for a in DEMOGRAPHICS}
+    jobs |= {("reliability", data.task): (figures.reliability_figure, dict(data=data, groups=flagged_calibration_groups(
+        tables["calibration"], data))) for data in tasks}
     return jobs
+
+
+def flagged_calibration_groups(calibration: pd.DataFrame, data) -> list[tuple[str, str, np.ndarray]]:
+    """The task's groups with a flagged calibration gap, in the headline's order (a flagged
+    calibration-in-the-large first, then most models, then the largest median gap), with
+    their image positions (the reliability diagram's panels)."""
+    flagged = calibration[(calibration["task"] == data.task) & calibration["flagged"]]
+    by_group = flagged.groupby(["attribute", "group"])
+    citl = flagged[flagged["metric"] == "citl"].groupby(["attribute", "group"])["gap_overall"]
+    order = pd.DataFrame({"citl": by_group["metric"].agg(lambda metrics: (metrics == "citl").any()),
+                          "models": by_group["arch"].nunique(),
+                          # a group's gap in the metric it is named by: citl where flagged, else the slope
+                          "gap": citl.agg(lambda gaps: gaps.abs().median()).reindex(
+                              list(by_group.groups)).fillna(by_group["gap_overall"].agg(lambda gaps: gaps.abs().median()))})
+    order = order.sort_values(["citl", "models", "gap"], ascending=False, kind="stable")
+    positions = {(a, g): p for a, g, p in iter_groups(data.images)} if len(order) else {}
+    return [(a, g, positions[a, g]) for a, g in order.index[: figures.MAX_RELIABILITY_PANELS - 1]]
 
 
 def render_html(analysis: Analysis, uris: dict | None = None, gallery: Gallery | None = None) -> str:
@@ -374,6 +378,7 @@ def render_html(analysis: Analysis, uris: dict | None = None, gallery: Gallery |
         HOW_TO_READ.format(fdr=settings.fdr, min_count=settings.min_count, threshold=settings.systematic_threshold),
         _models_section(tables["models"], uris["roc"]),
         _subgroups_section(tables["subgroups"], forest_uris),
+        _calibration_section(tables["calibration"], {data.task: uris["reliability", data.task] for data in tasks}),
         _consistency_section(consistency, kappa_uri, mean_uri),
         _systematic_section(tables["systematic"], tables["systematic_images"], composition_uris, settings.systematic_threshold),
         gallery_section(gallery),
@@ -392,16 +397,25 @@ def _records(frame: pd.DataFrame) -> list[dict]:
     return frame.astype(object).where(frame.notna(), None).to_dict("records")
 
 
+def _records_of(structured: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    return {name: _records(pd.DataFrame(rows)) for name, rows in structured.items()}
+
+
 def summary(analysis: Analysis) -> dict:
+    lines, structured = headline_and_findings(analysis)
     return {
         "settings": dataclasses.asdict(analysis.settings),
         "pred_dir": str(analysis.pred_dir),
         "inputs": _records(analysis.inputs),
         "definitions": DEFINITIONS,
-        "headline": headline_findings(analysis),
+        "headline": lines,
+        # What the headline is made of: findings that hold after adjustment, univariate flags
+        # the adjusted model explains (and by which finding), those it could not estimate.
+        "findings": _records_of(structured),
         # The tables themselves are the CSVs next to this file; here only what they do not say.
         "files": {f"{name}.csv": len(table) for name, table in analysis.tables.items()},
         "task_summary": _records(task_summary(analysis.tables["subgroups"])),
+        "calibration_summary": _records(task_summary(analysis.tables["calibration"])),
         "versions": versions(),
     }
 
@@ -425,7 +439,10 @@ def write_report(*, analysis: Analysis, out: str | Path, gallery: Gallery | None
         if gallery is not None:
             write_csv(folder / "gallery.csv", gallery.shown)
         write_json(folder / REPORT_MARKER, summary(analysis))
-        write_bytes(folder / "index.html", render_html(analysis, drawn(), gallery).encode("utf-8"))
+        uris = drawn()
+        for data in analysis.tasks:  # the reliability diagrams also as files of their own
+            write_bytes(folder / f"reliability_{data.task}.png", figures.png_bytes(uris["reliability", data.task]))
+        write_bytes(folder / "index.html", render_html(analysis, uris, gallery).encode("utf-8"))
     return out / "index.html"
 
 

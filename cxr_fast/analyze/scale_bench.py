@@ -34,18 +34,23 @@ ARCH_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "densenet121", "d
               "convnext_small", "convnext_base", "vit_small", "vit_base", "swin_tiny", "swin_small", "regnety_016")
 
 
+PLANTED = dict(attribute="sex x race", group="F & Black", tasks=("effusion",))
+PLANTED_NAME = "effusion-F-Black"  # in the cache folder's name: another plant is another folder
+
+
 def simulated_pred_dir(*, images: int, subjects: int, archs: int, seed: int = 0, cache: Path = Path("build/bench")) -> Path:
-    """A cached simulated all_pred/ of the requested size (one planted group, as in the study)."""
+    """A cached simulated all_pred/ of the requested size with one planted intersection, as
+    in the study: effusion positives of women who are Black missed by every model."""
     from cxr_fast.analyze.simulate import PlantedMiss, simulate_predictions, write_prediction_files
     from cxr_fast.tasks import TASKS
 
-    pred_dir = cache / f"analyze-pred-{images}i-{subjects}s-{archs}a-seed{seed}"
+    pred_dir = cache / f"analyze-pred-{images}i-{subjects}s-{archs}a-seed{seed}-{PLANTED_NAME}"
     done = pred_dir / ".complete"
     if done.exists():
         return pred_dir
     names = ARCH_NAMES[:archs] if archs <= len(ARCH_NAMES) else tuple(f"arch{i:02d}" for i in range(archs))
     predictions = simulate_predictions(tasks=TASKS, archs=names, n_images=images, images_per_subject=images / subjects,
-                                       planted=PlantedMiss(), seed=seed)
+                                       planted=PlantedMiss(**PLANTED), seed=seed)
     write_prediction_files(predictions=predictions, pred_dir=pred_dir)
     done.write_text("")
     return pred_dir

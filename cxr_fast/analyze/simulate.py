@@ -6,12 +6,16 @@ The generative story, so that results are predictable:
 - every image has a "hardness" shared by all models, pushing its score to the wrong side:
   this is what makes errors consistent across models (kappa > 0) and creates systematic
   errors even when no group is treated differently;
-- `planted` lowers the score of one group's positives for a share of the models: a group
+- `planted` (one PlantedMiss or several) lowers the score of one group's positives for a
+  share of the models: a group
   whose positives are systematically missed, which the analysis must find (the group may be
   an intersection, e.g. attribute "sex x race", group "F & Black");
 - `agreement` makes one group's images harder or easier by the same amount for every model
   (more image-level hardness, less model noise): its errors coincide across models (higher
   kappa) without a planted miss;
+- `shifted` moves every score of one group by the same amount in every model, whatever the
+  label: the models rank the group as well as before but its probabilities mean another risk
+  (a group the calibration table must flag);
 - `view` (AP/PA) is drawn per image from its own random stream, independently of the rest,
   so adding it left every other simulated value of a seed unchanged.
 """
@@ -34,12 +38,13 @@ RACE_P = {"White": 0.6, "Black": 0.15, "Asian": 0.05, "Hispanic/Latino": 0.06, "
 @dataclass(frozen=True)
 class PlantedMiss:
     """Positives of `attribute == group` get their score lowered by `shift` (logit units) in
-    the first ceil(share_of_models * n_models) models."""
+    the first ceil(share_of_models * n_models) models, in `tasks` (every task when empty)."""
 
     attribute: str = "race"
     group: str = "Black"
     shift: float = 3.0
     share_of_models: float = 1.0
+    tasks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,15 @@ class PlantedAgreement:
     group: str = "Asian"
     hardness_scale: float = 2.5
     noise_scale: float = 0.1
+
+
+@dataclass(frozen=True)
+class PlantedShift:
+    """Every score of `attribute == group` moved by `shift` (logit units) in every model."""
+
+    attribute: str = "race"
+    group: str = "Black"
+    shift: float = 1.0
 
 
 P_AP = 0.55  # frontal films that are AP (portable), as in the phantom
@@ -111,10 +125,12 @@ def simulate_predictions(
     *, tasks: tuple[str, ...] = ("effusion",), archs: tuple[str, ...] = ("resnet50", "densenet121", "convnext_tiny"),
     n_images: int = 800, n_val_images: int = 0, images_per_subject: float = 1.6, prevalence: float = 0.35,
     signal: float = 1.6, hardness: float = 1.0, noise: float = 0.8, missing_label_rate: float = 0.0,
-    planted: PlantedMiss | None = None, agreement: PlantedAgreement | None = None, seed: int = 0,
+    planted: PlantedMiss | tuple[PlantedMiss, ...] | None = None, agreement: PlantedAgreement | None = None,
+    shifted: PlantedShift | None = None, seed: int = 0,
 ) -> pd.DataFrame:
     """All models' predictions stacked (one row per model x image), in the prediction schema."""
     rng = np.random.default_rng(seed)
+    plants = (planted,) if isinstance(planted, PlantedMiss) else tuple(planted or ())
     images = pd.concat([
         _images(rng, n_images, images_per_subject, "test", first=0),
         _images(rng, n_val_images, images_per_subject, "val", first=n_images) if n_val_images else None,
@@ -123,22 +139,24 @@ def simulate_predictions(
     agreeing = _members(images, agreement.attribute, agreement.group) if agreement else np.zeros(len(images), bool)
     hardness_scale = np.where(agreeing, agreement.hardness_scale if agreement else 1.0, 1.0)
     noise_scale = np.where(agreeing, agreement.noise_scale if agreement else 1.0, 1.0)
+    score_shift = shifted.shift * _members(images, shifted.attribute, shifted.group) if shifted else 0.0
     frames = []
     for task in tasks:
         logit = np.log(prevalence / (1 - prevalence)) + 0.8 * images["subject_latent"].to_numpy()
         label = (rng.random(len(images)) < 1 / (1 + np.exp(-logit))).astype(float)
         sign = 2 * label - 1
         image_hardness = hardness * rng.normal(size=len(images)) * hardness_scale
-        planted_positive = (
-            _members(images, planted.attribute, planted.group) & (label == 1) if planted else np.zeros(len(images), bool)
-        )
+        # Per model, how much its positives' scores are lowered (the plants add up).
+        lowered = np.zeros((len(archs), len(images)))
+        for plant in plants:
+            if not plant.tasks or task in plant.tasks:
+                n_planted_models = int(np.ceil(plant.share_of_models * len(archs)))
+                lowered[:n_planted_models] += plant.shift * (_members(images, plant.attribute, plant.group) & (label == 1))
         label[rng.random(len(images)) < missing_label_rate] = np.nan
-        n_planted_models = int(np.ceil(planted.share_of_models * len(archs))) if planted else 0
         for m, arch in enumerate(archs):
             model_signal = signal * (1 + 0.3 * m / max(1, len(archs) - 1))  # archs differ a little in skill
             score = sign * (model_signal - image_hardness) + noise * noise_scale * rng.normal(size=len(images))
-            if m < n_planted_models:
-                score = score - planted.shift * planted_positive
+            score = score - lowered[m] + score_shift
             prob = 1 / (1 + np.exp(-score))
             frames.append(images.drop(columns="subject_latent").assign(
                 task=task, arch=arch, recipe=f"{task}_{arch}", label=label, prob=prob,

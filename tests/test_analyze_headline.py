@@ -1,0 +1,121 @@
+"""The headline leads with what survives adjustment: a planted intersection leads alone (its
+parents follow as explained), two independent main effects both lead and their intersection does
+not; an unfitted adjusted model falls back to unadjusted findings; model counts are the task's."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+
+from cxr_fast.analyze import Settings, analyze
+from cxr_fast.analyze.headline import headline, overlaps
+from cxr_fast.analyze.report import flagged_calibration_groups, headline_and_findings, headline_findings
+from cxr_fast.analyze.simulate import PlantedMiss, PlantedShift, simulate_predictions, write_prediction_files
+
+SCENARIO = dict(tasks=("effusion",), n_images=3000, prevalence=0.4)
+SETTINGS = Settings(n_bootstrap=100)
+
+
+def _analysis(tmp_path, predictions):
+    write_prediction_files(predictions=predictions, pred_dir=tmp_path / "pred")
+    return analyze(pred_dir=tmp_path / "pred", settings=SETTINGS)
+
+
+def _non_reference_sex(seed: int) -> str:
+    """The planted sex must not be the regression's reference (the larger among positives):
+    only then is an effect confined to it a term of its own (see adjusted.py)."""
+    sexes = simulate_predictions(**SCENARIO, archs=("resnet50",), seed=seed).query("label == 1")["sex"]
+    return "F" if sexes[sexes != "Unknown"].value_counts().idxmax() == "M" else "M"
+
+
+@pytest.fixture(scope="module")
+def intersection(tmp_path_factory):
+    seed = 2
+    group = f"{_non_reference_sex(seed)} & Black"
+    predictions = simulate_predictions(**SCENARIO, planted=PlantedMiss(attribute="sex x race", group=group), seed=seed)
+    return group, _analysis(tmp_path_factory.mktemp("intersection"), predictions)
+
+
+def test_a_planted_intersection_leads_alone_and_its_parents_are_explained_by_it(intersection):
+    group, analysis = intersection
+    lines, findings = headline_and_findings(analysis)
+    leading = {(row["attribute"], row["group"]) for row in findings["adjusted"]}
+    assert leading == {("sex x race", group)}, findings["adjusted"]
+    assert lines[0].startswith(f"effusion: sex x race = {group} misses more of its positives, after adjustment")
+    explained = {(row["attribute"], row["group"]): row["explained_by"] for row in findings["explained"]}
+    sex = group.split(" & ")[0]
+    assert ("sex", sex) in explained and ("race", "Black") in explained  # univariately flagged, explained away
+    assert all(by == [f"sex x race = {group}"] for by in explained.values()), explained
+    # No explained group is listed as a finding of its own anywhere in the headline.
+    for attribute, name in explained:
+        assert not any(line.startswith(f"effusion: {attribute} = {name} ") for line in lines), lines
+
+
+@pytest.fixture(scope="module")
+def two_main_effects(tmp_path_factory):
+    seed = 2
+    sex = _non_reference_sex(seed)
+    predictions = simulate_predictions(**SCENARIO, planted=(PlantedMiss(attribute="sex", group=sex, shift=1.5),
+                                                            PlantedMiss(attribute="race", group="Black", shift=1.5)), seed=seed)
+    return sex, _analysis(tmp_path_factory.mktemp("main_effects"), predictions)
+
+
+def test_two_independent_main_effects_both_lead_and_their_intersection_does_not(two_main_effects):
+    sex, analysis = two_main_effects
+    lines, findings = headline_and_findings(analysis)
+    leading = [(row["attribute"], row["group"]) for row in findings["adjusted"]]
+    assert set(leading) == {("sex", sex), ("race", "Black")}, leading
+    assert ("sex x race", f"{sex} & Black") not in leading
+    assert not any(f"sex x race = {sex} & Black misses" in line for line in lines)
+
+
+def test_an_adjusted_model_that_could_not_be_fitted_falls_back_to_unadjusted_findings(intersection):
+    group, analysis = intersection
+    adjusted = analysis.tables["adjusted"].copy()
+    adjusted[["odds_ratio", "ci_low", "ci_high", "p_value", "q_value"]] = float("nan")
+    adjusted["flagged"] = False
+    adjusted["note"] = "not fitted: quasi-separation (|log OR| > 10) for race=Black"
+    tables = {**analysis.tables, "adjusted": adjusted}
+    lines, findings = headline(tables, models_per_task={"effusion": 3}, fdr=0.05, threshold=0.8)
+    assert not findings["adjusted"] and not findings["explained"]
+    unadjusted = {(row["attribute"], row["group"]) for row in findings["unadjusted"]}
+    assert ("sex x race", group) in unadjusted
+    line = next(line for line in lines if line.startswith(f"effusion: sex x race = {group} "))
+    assert "(unadjusted: the adjusted model could not estimate it, not fitted: quasi-separation" in line
+    assert not any("after adjustment" in line for line in lines)
+
+
+def test_headline_counts_each_task_s_own_models(tmp_path):
+    """Two tasks of 3 and 2 models: every "k of N models" says N = that task's models, not 5."""
+    planted = PlantedMiss(attribute="race", group="Black")
+    predictions = pd.concat([
+        simulate_predictions(tasks=("effusion",), archs=("resnet50", "densenet121", "convnext_tiny"), n_images=1500,
+                             planted=planted, seed=1),
+        simulate_predictions(tasks=("edema",), archs=("resnet50", "densenet121"), n_images=1500, planted=planted, seed=2),
+    ], ignore_index=True)
+    lines = headline_findings(_analysis(tmp_path, predictions))
+    counted = [(line.split(":")[0], int(n)) for line in lines for n in re.findall(r"\d+ of (\d+) (?:of the task's )?models", line)]
+    assert counted and {task for task, _ in counted} == {"effusion", "edema"}, lines
+    assert all(n == {"effusion": 3, "edema": 2}[task] for task, n in counted), counted
+
+
+def test_the_headline_names_a_miscalibrated_group(tmp_path):
+    predictions = simulate_predictions(**SCENARIO, signal=0.8, noise=1.2,
+                                       shifted=PlantedShift(attribute="race", group="Black", shift=1.0), seed=1)
+    analysis = _analysis(tmp_path, predictions)
+    line = next(line for line in headline_findings(analysis) if "calibration gap flagged" in line)
+    assert "race = Black (over-predicts risk, 3 of 3 models" in line
+    # The reliability diagram's first group panel is the shifted group or a part of it (F & Black).
+    panels = [(attribute, group) for attribute, group, _ in flagged_calibration_groups(analysis.tables["calibration"],
+                                                                                     analysis.tasks[0])]
+    assert "Black" in panels[0][1] and ("race", "Black") in panels, panels
+
+
+def test_groups_overlap_unless_they_differ_on_a_shared_attribute():
+    assert overlaps(("sex", "F"), ("sex x race", "F & Black"))
+    assert overlaps(("sex x age_group", "F & 20-40"), ("sex x race", "F & Black"))
+    assert overlaps(("race", "Black"), ("sex x race", "F & Black"))
+    assert not overlaps(("sex x race", "M & Black"), ("sex x race", "F & Black"))
+    assert not overlaps(("race", "White"), ("sex x race", "F & Black"))
