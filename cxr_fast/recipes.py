@@ -173,6 +173,12 @@ class Config(Augmentation):
         return self.batch_size or get_arch(self.arch).batch_size
 
     @property
+    def resolved_load_size(self) -> int:
+        """Side each image is loaded at (the evaluation resize before its centre crop): what
+        the shard folder read must store at least."""
+        return load_size(self.resolved_image_size, self.eval_crop)
+
+    @property
     def weights_path(self) -> Path:
         return Path(self.weights_dir) / self.recipe
 
@@ -188,6 +194,11 @@ class Config(Augmentation):
 _FIELDS = {field.name: field for field in dataclasses.fields(Config)}
 _TYPES = typing.get_type_hints(Config)
 _IDENTITY = ("recipe", "task", "arch")
+
+
+def load_size(image_size: int, eval_crop: float) -> int:
+    """Side of the square an image is loaded at: image_size / eval_crop ("resize 256, crop 224")."""
+    return max(image_size, round(image_size / eval_crop))
 
 
 def recipe_name(task: str, arch: str) -> str:

@@ -93,7 +93,8 @@ def this_device() -> str | None:
 
 
 def recipe_plan(config: Config, rates: dict[str, float]) -> RecipePlan:
-    from cxr_fast.loading.payloads import read_manifest, resolve_shards
+    from cxr_fast.loading.payloads import read_manifest
+    from cxr_fast.shard_folders import resolve_shards
 
     manifest = _manifest(resolve_shards(config.shards, 0), read_manifest)  # the label counts: any size of the cohort
     if config.task not in manifest.columns:

@@ -31,6 +31,7 @@ from cxr_fast.models import list_archs
 from cxr_fast.recipes import Config, load_config, parse_overrides, recipe_name
 from cxr_fast.same_run import changed_settings
 from cxr_fast.schema import finished_status
+from cxr_fast.shard_folders import data_identity, resolve_shards
 from cxr_fast.tasks import TASKS, task_name
 
 
@@ -52,11 +53,17 @@ def select_archs(text: str) -> list[str]:
 
 def is_finished(config: Config) -> bool:
     """Whether training `config` would have nothing to do: the check `cxr_fast.train` makes
-    (raising `epochs=` reopens a finished recipe). A saved run with other settings is not
-    finished for these: train refuses it, saying why."""
+    (raising `epochs=` reopens a finished recipe). A saved run with other settings, or of other
+    data than `config` reads (or with no data to read), is not finished for these: train
+    refuses it, saying why."""
     status = finished_status(config.weights_path, recipe=config.recipe, epochs=config.epochs)
-    return status is not None and not (isinstance(status.get("config"), dict)
-                                       and changed_settings(status["config"], config))
+    if status is None or not isinstance(status.get("config"), dict):
+        return status is not None
+    try:
+        data = data_identity(resolve_shards(config.shards, config.resolved_load_size))
+    except CxrError:
+        return False
+    return not changed_settings(status["config"], config, saved_data=status.get("data"), data=data)
 
 
 def running_holder(config: Config) -> str | None:

@@ -37,6 +37,7 @@ from cxr_fast.loading.sampler import balanced_epoch, rank_share
 from cxr_fast.recipes import Config, all_recipes, load_config, recipe_from_legacy
 from cxr_fast.same_run import changed_settings, refuse_changed_settings
 from cxr_fast.schema import RESUME_FILE, STATUS_FILE, finished_status, read_status
+from cxr_fast.shard_folders import data_identity
 from cxr_fast.validation import validation_metrics
 
 # ------------------------------------------------------------------ numerics
@@ -69,12 +70,13 @@ def save_best(model: torch.nn.Module, path: Path, record: dict) -> None:
     write_json(path / "best.json", record)
 
 
-def write_status(config: Config, state: "Progress", *, finished: bool, stopped_early: bool) -> None:
-    """`weights/<recipe>/status.json`: what the study runner reads to skip or resume a recipe."""
+def write_status(config: Config, state: "Progress", *, finished: bool, stopped_early: bool, data: dict) -> None:
+    """`weights/<recipe>/status.json`: what the study runner reads to skip or resume a recipe;
+    `data` is the identity of the shards read (shard_folders.data_identity)."""
     write_json(config.weights_path / STATUS_FILE, {
         "recipe": config.recipe, "epoch": state.epoch, "epochs": config.epochs, "finished": finished,
         "stopped_early": stopped_early, "best_epoch": state.best_epoch, "best_balanced_accuracy": state.best_score,
-        "config": config.to_dict(),
+        "config": config.to_dict(), "data": data,
     })
 
 
@@ -192,41 +194,48 @@ def recipe_lock(config: Config, accelerator):
         yield
 
 
-def start_same_run(config: Config, accelerator) -> None:
-    """Refuse to continue a saved run under other settings, or with restart=true discard it."""
-    saved, source = saved_settings(config)
+def start_same_run(config: Config, accelerator, data: dict) -> None:
+    """Refuse to continue a saved run under other settings or on other data (`data`: the identity
+    of what this run reads), or with restart=true discard it."""
+    saved, saved_data, source = saved_settings(config)
     if saved is None:
         return
     if config.restart:
-        if changed_settings(saved, config) and accelerator.is_main_process:
+        if changed_settings(saved, config, saved_data=saved_data, data=data) and accelerator.is_main_process:
             accelerator.print(f"{config.recipe}: restart=true: discarding the saved run with other settings")
             for name in RUN_FILES:
                 (config.weights_path / name).unlink(missing_ok=True)
         accelerator.wait_for_everyone()
         return
-    refuse_changed_settings(saved, config, source)
+    refuse_changed_settings(saved, config, source, saved_data=saved_data, data=data)
 
 
 RUN_FILES = (STATUS_FILE, RESUME_FILE, "best.json", "best.safetensors")  # what a saved run consists of
 
 
-def saved_settings(config: Config) -> tuple[dict | None, Path | None]:
-    """The saved run's settings: from status.json when it has them (no checkpoint load), else
-    from last.pt; (None, None) when there is no saved run."""
+def saved_settings(config: Config) -> tuple[dict | None, dict | None, Path | None]:
+    """The saved run's settings and data identity (None for a run saved before it was recorded):
+    from status.json when it has them (no checkpoint load), else from last.pt; (None, None, None)
+    when there is no saved run."""
     status_path, last_path = config.weights_path / STATUS_FILE, config.weights_path / RESUME_FILE
     if last_path.is_file():
-        saved = (read_status(config.weights_path) or {}).get("config")
-        if isinstance(saved, dict):
-            return saved, status_path
-        return load_checkpoint(last_path)["config"], last_path
-    return None, None
+        status = read_status(config.weights_path) or {}
+        if isinstance(status.get("config"), dict):
+            return status["config"], status.get("data"), status_path
+        checkpoint = load_checkpoint(last_path)
+        return checkpoint["config"], checkpoint.get("data"), last_path
+    return None, None, None
 
 
 def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
     from tqdm import tqdm
 
     device = accelerator.device
-    start_same_run(config, accelerator)
+    # Its own inputs first: missing shards are reported as missing, whatever run is saved. The
+    # folder read is resolved from the listed ones; the run is identified by that data.
+    shards_dir = Path(with_shards_resolved(config).shards)
+    data = data_identity(shards_dir)
+    start_same_run(config, accelerator, data)
     done = finished_run(config)
     if done is not None:
         return nothing_to_do(config, done, None, accelerator)
@@ -236,9 +245,6 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
 
     configure_backends(config, device)
 
-    # The folder read is resolved from the listed ones; what is saved (status.json, last.pt,
-    # best.json) keeps the requested `shards`, so a rerun compares like with like.
-    shards_dir = Path(with_shards_resolved(config).shards)
     train_data, val_data = load_task_data(replace(config, shards=str(shards_dir)))
     settings = AugmentSettings.from_config(config)
     batch_size = config.resolved_batch_size
@@ -254,7 +260,7 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
     state = Progress()
     last_path = config.weights_path / RESUME_FILE
     if last_path.is_file():
-        state = resume(last_path, accelerator, model, optimizer, config)
+        state = resume(last_path, accelerator, model, optimizer, config, data)
     # Also without status.json (a kill between writing last.pt and status.json).
     if state.epoch >= config.epochs or stopped_early(state, config):
         return nothing_to_do(config, state, kind, accelerator)
@@ -322,11 +328,12 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
             stop_early = stopped_early(state, config, accelerator)
             if clock.due(state.epoch, final=stop_early or state.epoch >= config.epochs, accelerator=accelerator):
                 clock.started()
-                write_resume_state(state, model, optimizer, accelerator, config)
+                write_resume_state(state, model, optimizer, accelerator, config, data)
                 clock.saved(state.epoch)
             accelerator.print(epoch_line(config, record, clock))
             if accelerator.is_main_process:
-                write_status(config, state, finished=stop_early or state.epoch >= config.epochs, stopped_early=stop_early)
+                write_status(config, state, finished=stop_early or state.epoch >= config.epochs, stopped_early=stop_early,
+                             data=data)
             if stop_early:
                 accelerator.print(f"{config.recipe}: early stop, no better val balanced accuracy for {config.early_stopping} epochs")
                 break
@@ -385,7 +392,7 @@ def end_of_epoch(state: Progress, record: dict, val: dict, model, accelerator, c
     return state
 
 
-def write_resume_state(state: Progress, model, optimizer, accelerator, config: Config) -> None:
+def write_resume_state(state: Progress, model, optimizer, accelerator, config: Config, data: dict) -> None:
     """`last.pt`: everything a resume needs, written by the main process while the others wait."""
     if accelerator.is_main_process:
         save_checkpoint({
@@ -395,6 +402,7 @@ def write_resume_state(state: Progress, model, optimizer, accelerator, config: C
             "progress": state.__dict__,
             "rng": rng_state(),
             "config": config.to_dict(),
+            "data": data,
         }, config.weights_path / RESUME_FILE)
     accelerator.wait_for_everyone()
 
@@ -461,9 +469,9 @@ def main_process_decides(flag: bool, accelerator) -> bool:
     return bool(broadcast(torch.tensor([flag], device=accelerator.device), from_process=0).item())
 
 
-def resume(path: Path, accelerator, model, optimizer, config: Config) -> Progress:
+def resume(path: Path, accelerator, model, optimizer, config: Config, data: dict) -> Progress:
     checkpoint = load_checkpoint(path)
-    refuse_changed_settings(checkpoint["config"], config, path)
+    refuse_changed_settings(checkpoint["config"], config, path, saved_data=checkpoint.get("data"), data=data)
     try:
         accelerator.unwrap_model(model).load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])

@@ -19,7 +19,6 @@ from cxr_fast.errors import CxrError
 from cxr_fast.recipes import load_config
 from cxr_fast.train import NonFiniteLoss, main, train
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "effusion_test_resnet"
 
 
@@ -100,9 +99,12 @@ def test_changed_settings_are_refused_and_raised_epochs_continue(phantom_shards,
 
     assert is_finished(load_config(RECIPE, small(phantom_shards, tmp_path, loader="auto")))
     assert not is_finished(load_config(RECIPE, small(phantom_shards, tmp_path, lr=0.01)))
-    for key, value in (("lr", 0.01), ("shards", tmp_path / "other"), ("image_size", 48)):
+    for key, value in (("lr", 0.01), ("image_size", 48)):
         with pytest.raises(CxrError, match=f"other settings \\({key} .*restart=true"):
             train(load_config(RECIPE, small(phantom_shards, tmp_path, **{key: value})), progress_bar=False)
+    # Its own inputs first: missing shards are named as missing, not as other settings.
+    with pytest.raises(CxrError, match="other: no shards found"):
+        train(load_config(RECIPE, small(tmp_path / "other", tmp_path)), progress_bar=False)
     # status.json gone (a kill before it was written): the checkpoint's settings are checked.
     (folder / "status.json").unlink()
     with pytest.raises(CxrError, match=f"{folder / 'last.pt'}: .*other settings \\(lr "):
@@ -117,6 +119,32 @@ def test_changed_settings_are_refused_and_raised_epochs_continue(phantom_shards,
     assert json.loads((folder / "best.json").read_text())["config"]["lr"] == 0.01
     lines = (tmp_path / "runs" / RECIPE / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1]
+
+
+def test_a_run_is_its_data_not_the_listing_of_candidates(phantom_shards, tmp_path, capsys):
+    """The README's train (default listing) then the demo's sweep (one folder): same data, same run."""
+    import shutil
+
+    import pandas as pd
+
+    from cxr_fast.sweep import is_finished
+
+    train(load_config(RECIPE, small(phantom_shards, tmp_path)), progress_bar=False)
+    listing = f"{phantom_shards},{tmp_path / 'absent-448'}"
+    assert is_finished(load_config(RECIPE, small(listing, tmp_path)))
+    more = train(load_config(RECIPE, small(listing, tmp_path, epochs=2)), progress_bar=False)
+    assert [record["epoch"] for record in more["history"]] == [1, 2]
+    assert "resuming after epoch 1" in capsys.readouterr().out  # resumed, not refused
+    status = json.loads((tmp_path / "weights" / RECIPE / "status.json").read_text())
+    assert status["data"]["shards_dir"] == str(phantom_shards) and status["config"]["shards"] == listing
+
+    copy = shutil.copytree(phantom_shards, tmp_path / "copy")  # the same data elsewhere: the same run
+    assert is_finished(load_config(RECIPE, small(copy, tmp_path, epochs=2)))
+    manifest = pd.read_parquet(copy / "manifest.parquet")
+    manifest.iloc[1:].to_parquet(copy / "manifest.parquet")   # other data in the same folder: another run
+    assert not is_finished(load_config(RECIPE, small(copy, tmp_path, epochs=2)))
+    with pytest.raises(CxrError, match=rf"other settings \(data '{phantom_shards} \(digest \w{{8}}\)' -> '{copy} \(digest"):
+        train(load_config(RECIPE, small(copy, tmp_path, epochs=3)), progress_bar=False)
 
 
 def test_a_pretrained_file_of_another_architecture_is_refused(tmp_path):
@@ -181,7 +209,7 @@ def test_settings_may_follow_flags(capsys, tmp_path):
 
 
 def _python(code: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             env=dict(os.environ, WANDB_MODE="disabled"))
 
 
@@ -193,7 +221,7 @@ def test_a_second_run_of_a_recipe_exits_at_once_naming_the_holder(phantom_shards
     try:
         assert holder.stdout.readline().strip() == "held"
         done = subprocess.run([sys.executable, "-m", "cxr_fast.train", "--recipe", RECIPE, "--no-progress",
-                               *small(phantom_shards, tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                               *small(phantom_shards, tmp_path)], capture_output=True, text=True,
                               env=dict(os.environ, WANDB_MODE="disabled"), timeout=300)
     finally:
         holder.kill()
@@ -209,7 +237,7 @@ def test_sigterm_stops_the_sweep_and_its_running_training(phantom_shards, tmp_pa
 
     settings = small(phantom_shards, tmp_path, epochs=100000, max_steps_per_epoch=1)
     sweep = subprocess.Popen([sys.executable, "-m", "cxr_fast.sweep", "--tasks", "effusion", "--archs", "test_resnet",
-                              "--logs", str(tmp_path / "logs"), *settings], cwd=ROOT, stdout=subprocess.PIPE,
+                              "--logs", str(tmp_path / "logs"), *settings], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env=dict(os.environ, WANDB_MODE="disabled"))
     folder = tmp_path / "weights" / RECIPE
     try:

@@ -18,7 +18,6 @@ from cxr_fast.recipes import load_config
 from cxr_fast.schema import STATUS_FIELDS
 from cxr_fast.train import NonFiniteLoss, main, train
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "effusion_test_resnet"
 
 
@@ -155,7 +154,7 @@ def test_gradient_accumulation_takes_one_step_per_group(phantom_shards, tmp_path
 ])
 @pytest.mark.slow
 def test_cli_errors_are_one_line_and_exit_2(args, message):
-    done = subprocess.run([sys.executable, "-m", "cxr_fast.train", *args], cwd=ROOT, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "cxr_fast.train", *args], capture_output=True, text=True,
                           env=dict(os.environ, WANDB_MODE="disabled"))
     assert done.returncode == 2
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
@@ -166,7 +165,7 @@ def test_unreachable_hub_fails_the_run_with_the_way_out(phantom_shards, tmp_path
     env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
     args = small(phantom_shards, tmp_path, epochs=1, image_size=64, batch_size=8)
     done = subprocess.run([sys.executable, "-m", "cxr_fast.train", "--recipe", "effusion_resnet50", *args],
-                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 2
     assert "pretrained weights could not be loaded" in done.stderr and "pretrained=false" in done.stderr
 
