@@ -94,7 +94,8 @@ def get_arch(slug: str) -> Arch:
     try:
         return ARCHS[slug]
     except KeyError:
-        raise CxrError(f"unknown arch {slug!r}; see `python -m cxr_fast.train --list`") from None
+        raise CxrError(f"unknown arch {slug!r}; see `python -m cxr_fast.train --list '*'` (every recipe, "
+                       f"{{task}}_{{arch}})") from None
 
 
 def build_model(slug: str, *, pretrained: bool, image_size: int | None = None, pretrained_file: str = "") -> torch.nn.Module:

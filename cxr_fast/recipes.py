@@ -172,6 +172,10 @@ class Config(Augmentation):
     def resolved_batch_size(self) -> int:
         return self.batch_size or get_arch(self.arch).batch_size
 
+    def with_arch_defaults(self) -> "Config":
+        """The settings the run uses: `image_size` and `batch_size` 0 (the arch's) filled in."""
+        return dataclasses.replace(self, image_size=self.resolved_image_size, batch_size=self.resolved_batch_size)
+
     @property
     def resolved_load_size(self) -> int:
         """Side each image is loaded at (the evaluation resize before its centre crop): what
@@ -215,7 +219,8 @@ def split_recipe(recipe: str) -> tuple[str, str]:
         prefix = f"{task}_"
         if recipe.startswith(prefix) and recipe[len(prefix):] in ARCHS:
             return task, recipe[len(prefix):]
-    raise CxrError(f"unknown recipe {recipe!r}; `python -m cxr_fast.train --list` lists them")
+    raise CxrError(f"unknown recipe {recipe!r}; `python -m cxr_fast.train --list` lists the study's, "
+                   f"`--list PATTERN` searches every recipe, the CPU-sized test_* ones too (e.g. --list '*test*')")
 
 
 def recipe_from_legacy(label_index: str, arch: str) -> str:

@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--status", action="store_true",
                         help="print where each selected recipe stands (state, epochs, best epoch, time left)")
     parser.add_argument("--json", action="store_true", help="with --status: JSON for scripts")
+    parser.add_argument("--as-requested", action="store_true",
+                        help="with --status: judge each saved run against the settings given here (what this sweep "
+                             "would still train), not against the run's own saved settings (the default)")
     parser.add_argument("--slurm", type=Path, metavar="FILE", help="write an sbatch --array script instead of running")
     parser.add_argument("--gpus-per-task", type=int, default=1, help="with --slurm (default 1; 0: CPU jobs)")
     parser.add_argument("--cpus-per-task", type=int, default=0, help="with --slurm (default 8 per GPU, 8 for CPU jobs)")
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.status:
         from cxr_fast.study_status import print_status
 
-        print_status(list(configs.values()), logs=args.logs, as_json=args.json)
+        print_status(list(configs.values()), logs=args.logs, as_json=args.json, as_requested=args.as_requested)
         return 0
     if args.plan:
         from cxr_fast.study_plan import format_plan, slurm_time, study_plan

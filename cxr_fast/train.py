@@ -514,10 +514,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str | None, 
         epilog="examples: --recipe effusion_test_resnet epochs=2 | 1 convnext_large | --list 'effusion_*'",
     )
     parser.add_argument("--recipe", help="{task}_{arch}, e.g. effusion_convnext_large")
-    parser.add_argument("--list", nargs="?", const="*", metavar="PATTERN",
-                        help="list the 114 study recipes (wildcards allowed) and exit")
+    parser.add_argument("--list", nargs="?", const="", metavar="PATTERN",
+                        help="list the 114 study recipes and exit; with a PATTERN (wildcards, e.g. '*test*'): "
+                             "every recipe that matches, the CPU-sized test_* ones too")
     parser.add_argument("--list-all", action="store_true", help="with --list: include the CPU-sized recipes")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the settings the run will use (the arch's image_size and batch_size filled in) and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("rest", nargs="*", help="`<label_index> <arch>` (original form) and/or key=value settings")
     args = parser.parse_intermixed_args(argv)
@@ -531,20 +533,31 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str | None, 
     return args, recipe, overrides
 
 
+def listed_recipes(pattern: str, *, every: bool = False) -> list[str]:
+    """`--list`: the study's recipes; `--list PATTERN`: every recipe matching it (test_* too).
+    A pattern that matches nothing is an error, not an empty list."""
+    import fnmatch
+
+    if not pattern:
+        return all_recipes(study_only=not every)
+    names = [name for name in all_recipes() if fnmatch.fnmatch(name, pattern)]
+    if not names:
+        raise CxrError(f"--list {pattern}: no recipe matches (recipes are {{task}}_{{arch}}, e.g. effusion_test_resnet; "
+                       "wildcards: --list '*resnet*')")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     args, recipe, overrides = parse_args(argv)
-    if args.list:
-        import fnmatch
-
-        for name in all_recipes(study_only=not args.list_all):
-            if fnmatch.fnmatch(name, args.list):
-                print(name)
+    if args.list is not None:
+        for name in listed_recipes(args.list, every=args.list_all):
+            print(name)
         return 0
     if recipe is None:
         raise CxrError("no recipe given: use --recipe {task}_{arch} (see --list) or `<label_index> <arch>`")
     config = load_config(recipe, overrides)
     if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
+        print(json.dumps(config.with_arch_defaults().to_dict(), indent=2))
         return 0
     result = train(config, progress_bar=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:  # one summary line per run, not per process

@@ -29,6 +29,14 @@ def small(shard_folder: Path, out: Path, **overrides) -> list[str]:
     return [f"{key}={value}" for key, value in settings.items()]
 
 
+def unread_shards(folder: Path) -> Path:
+    """A shards folder that passes the run's input check (a manifest.parquet) for tests that
+    stop before any data is read."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.parquet").write_bytes(b"never read")
+    return folder
+
+
 def no_data(*args, **kwargs):
     raise AssertionError("the run went on to decode its data")
 
@@ -46,7 +54,7 @@ class Planted:
 @pytest.mark.parametrize("form", ["torch zip", "plain pickle"])
 def test_a_crafted_checkpoint_runs_no_code_and_is_one_line(tmp_path, monkeypatch, form):
     monkeypatch.setattr("cxr_fast.train.load_task_data", no_data)
-    config = load_config(RECIPE, small(tmp_path / "shards", tmp_path))
+    config = load_config(RECIPE, small(unread_shards(tmp_path / "shards"), tmp_path))
     last = config.weights_path / "last.pt"
     last.parent.mkdir(parents=True)
     marker = tmp_path / "marker"
@@ -65,7 +73,7 @@ def test_a_crafted_checkpoint_runs_no_code_and_is_one_line(tmp_path, monkeypatch
                                      "progress": {}, "rng": {}, "config": {}}])
 def test_a_foreign_checkpoint_is_one_line_naming_the_file(tmp_path, monkeypatch, content):
     monkeypatch.setattr("cxr_fast.train.load_task_data", no_data)
-    config = load_config(RECIPE, small(tmp_path / "shards", tmp_path))
+    config = load_config(RECIPE, small(unread_shards(tmp_path / "shards"), tmp_path))
     last = config.weights_path / "last.pt"
     last.parent.mkdir(parents=True)
     torch.save(content, last)

@@ -178,3 +178,24 @@ def test_the_original_cli_form_and_list(capsys):
     assert json.loads(capsys.readouterr().out)["recipe"] == "effusion_convnext_large"
     with pytest.raises(CxrError, match="no recipe given"):
         main([])
+
+
+def test_list_takes_a_pattern_over_every_recipe_and_the_error_says_so(capsys):
+    assert main(["--list", "*test*"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert RECIPE in listed and "edema_test_vit" in listed and len(listed) == 6 * 4
+    assert main(["--list", "effusion_*"]) == 0
+    assert "effusion_test_resnet" in capsys.readouterr().out.split()
+    with pytest.raises(CxrError, match=r"--list nothing\*: no recipe matches"):
+        main(["--list", "nothing*"])
+    with pytest.raises(CxrError, match=r"--list PATTERN. searches every recipe, the CPU-sized test_\* ones too"):
+        main(["--recipe", "effusion_resnet5"])
+
+
+def test_print_config_shows_what_the_run_uses(capsys):
+    assert main(["--recipe", "effusion_resnet50", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["image_size"], printed["batch_size"]) == (224, 256)  # the arch's, not 0
+    assert main(["--recipe", "effusion_resnet50", "--print-config", "image_size=128", "batch_size=8"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["image_size"], printed["batch_size"]) == (128, 8)
