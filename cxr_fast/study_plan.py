@@ -1,8 +1,8 @@
 """`python -m cxr_fast.sweep --plan`: what the selected study costs on this machine, before it runs.
 
 Per recipe: images per balanced epoch (2 x the minority class of the task's train split),
-validation images, epochs (an upper bound: early stopping may end a run sooner) and hours,
-from measured `bench train` throughput (a results file of `bench train`, `bench suite` or
+validation images, epochs (an upper bound: early stopping may end a run sooner) and hours on
+the device the throughput was measured on (named in the output), from measured `bench train` throughput (a results file of `bench train`, `bench suite` or
 `bench gpu-check`). Validation is counted at 3x the training rate (a forward pass without
 the backward); an arch without a measurement is shown as unknown and leaves the total open.
 """
@@ -71,6 +71,24 @@ def read_throughput(path: Path) -> dict[str, float]:
     return rates
 
 
+def measured_on(path: Path) -> str:
+    """The device(s) a results file's training throughput was measured on: a GPU's name, or
+    `CPU (<model>, N cores)`; the plan's hours are hours on that device."""
+    try:
+        entries = list(throughput_entries(json.loads(Path(path).read_text())))
+    except (OSError, ValueError):
+        return "an unknown device"
+    devices = []
+    for entry in entries:
+        machine = entry.get("machine") or {}
+        gpu = (machine.get("gpu") or {}).get("name")
+        cores = f", {machine['cpu_count']} cores" if machine.get("cpu_count") else ""
+        device = gpu or f"CPU ({machine.get('cpu') or 'unknown model'}{cores})"
+        if device not in devices:
+            devices.append(device)
+    return " / ".join(devices) or "an unknown device"
+
+
 def newest_results(folder: Path = RESULTS_DIR, device: str | None = None) -> Path | None:
     """The newest results file in `folder` with training measurements from this kind of device
     (the GPU's name, or none for a CPU)."""
@@ -129,7 +147,9 @@ def slurm_time(plans: list[RecipePlan]) -> str | None:
 
 
 def format_plan(plans: list[RecipePlan], source: Path | None) -> str:
-    lines = [f"{'recipe':<40} {'epoch img':>10} {'val img':>8} {'epochs':>6} {'img/s':>8} {'GPU-h':>8}"]
+    """The plan's table; hours are on the device the throughput file was measured on (named)."""
+    device = measured_on(source) if source else "no measured device"
+    lines = [f"{'recipe':<40} {'epoch img':>10} {'val img':>8} {'epochs':>6} {'img/s':>8} {'hours':>8}"]
     for plan in plans:
         rate = f"{plan.images_per_second:.0f}" if plan.images_per_second else "unknown"
         hours = f"{plan.hours:.2f}" if plan.hours is not None else "unknown"
@@ -137,11 +157,11 @@ def format_plan(plans: list[RecipePlan], source: Path | None) -> str:
                      f"{rate:>8} {hours:>8}")
     known = [plan.hours for plan in plans if plan.hours is not None]
     unknown = sorted({plan.arch for plan in plans if plan.hours is None})
-    total = f"{sum(known):.2f} GPU-hours at most (epochs are an upper bound: early stopping ends runs sooner)"
+    total = f"{sum(known):.2f} hours on {device} at most (epochs are an upper bound: early stopping ends runs sooner)"
     lines.append(f"total: {len(plans)} recipes, {sum(p.images_per_epoch * p.epochs for p in plans):,} training images, "
                  + total + (f" + unknown for {', '.join(unknown)} (no measurement: "
                             "python -m cxr_fast.bench train --arch A --json FILE)" if unknown else ""))
-    lines.append(f"throughput: {source}" if source else "throughput: no results file for this device")
+    lines.append(f"throughput: {source}, measured on {device}" if source else "throughput: no results file for this device")
     return "\n".join(lines)
 
 

@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time", help="with --slurm: time limit per recipe (default 48:00:00; with --plan: "
                                        "the longest recipe's estimate + 25%%)")
     parser.add_argument("--plan", action="store_true",
-                        help="print images per epoch, validation images and GPU-hours per recipe and in total")
+                        help="print images per epoch, validation images and hours (on the device the throughput "
+                             "was measured on, named) per recipe and in total")
     parser.add_argument("--throughput", type=Path, metavar="FILE",
                         help="with --plan: a bench results file (default: the newest in benchmarks/results for this device)")
     parser.add_argument("--partition", default="", help="with --slurm")

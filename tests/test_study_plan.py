@@ -24,11 +24,11 @@ def fabricated_shards(folder: Path) -> Path:
     return folder
 
 
-def throughput_file(path: Path, rates: dict[str, float]) -> Path:
+def throughput_file(path: Path, rates: dict[str, float], gpu: str | None = None) -> Path:
     def entry(arch, rate):
         measured = {"images_per_second": {"median": rate, "min": rate, "max": rate, "spread": 0, "values": [rate]}}
         return {"kind": "train", "command": "x", "settings": {"arch": arch}, "synthetic": measured, "real": measured,
-                "machine": {"gpu": None}}
+                "machine": {"gpu": {"name": gpu} if gpu else None, "cpu": "Intel Xeon", "cpu_count": 2}}
     path.write_text(json.dumps({"kind": "suite", "train": [entry(arch, rate) for arch, rate in rates.items()]}))
     return path
 
@@ -74,3 +74,15 @@ def test_a_file_without_measurements_is_refused(tmp_path):
     empty.write_text("{}")
     with pytest.raises(CxrError, match="empty.json: no `bench train` measurement"):
         main(["--tasks", "effusion", "--archs", "resnet50", "--plan", "--throughput", str(empty), f"shards={shards}"])
+
+
+@pytest.mark.parametrize(("gpu", "device"), [(None, "CPU (Intel Xeon, 2 cores)"), ("NVIDIA H100 80GB HBM3", "NVIDIA H100")])
+def test_plan_names_the_device_its_hours_were_measured_on(tmp_path, capsys, gpu, device):
+    shards = fabricated_shards(tmp_path / "shards")
+    rates = throughput_file(tmp_path / "rates.json", {"resnet50": 10.0}, gpu=gpu)
+    assert main(["--tasks", "effusion", "--archs", "resnet50", "--plan", "--throughput", str(rates),
+                 f"shards={shards}"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU-h" not in out and out.splitlines()[0].split()[-1] == "hours"
+    total = next(line for line in out.splitlines() if line.startswith("total:"))
+    assert f"hours on {device}" in total and f"measured on {device}" in out
