@@ -115,6 +115,10 @@ def build_model(slug: str, *, pretrained: bool, image_size: int | None = None, p
             raise CxrError(f"{pretrained_file}: pretrained_file not found")
         kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
         return _model_from_file(arch, pretrained_file, kwargs)
+    if pretrained:
+        from cxr_fast.hub import require_pretrained
+
+        require_pretrained(arch.timm_name)
     try:
         return timm.create_model(arch.timm_name, pretrained=pretrained, **kwargs)
     except OSError as error:

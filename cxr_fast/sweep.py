@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {len(commands)} to run, {skipped} already finished", file=sys.stderr)
         return 0
     print(f"{len(commands)} recipes to train, {skipped} already finished")
+    warn_if_hub_offline([configs[recipe] for recipe in todo])
     if args.in_process:
         failures = run_in_process(todo, args.overrides)
     else:
@@ -312,6 +313,18 @@ def main(argv: list[str] | None = None) -> int:
     if failures:
         raise CxrError(f"{failures} of {len(commands)} recipes failed; see the logs in {args.logs}")
     return 0
+
+
+def warn_if_hub_offline(configs: list[Config]) -> None:
+    """Ask once whether the hub can be reached, for every recipe of the sweep: when it cannot, the
+    trainings it starts inherit offline mode and a recipe without cached weights fails at once."""
+    if any(config.pretrained and not config.pretrained_file for config in configs):
+        from cxr_fast.hub import offline_reason
+
+        reason = offline_reason()
+        if reason:
+            print(f"the Hugging Face hub cannot be reached ({reason}): pretrained recipes whose weights are not "
+                  "cached fail at once (or give pretrained=false)", flush=True)
 
 
 def write_slurm(args: argparse.Namespace, recipes: list[str]) -> int:

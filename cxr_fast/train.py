@@ -29,11 +29,13 @@ from cxr_fast.checkpoint import load_checkpoint, restore_rng, rng_state, save_ch
 from cxr_fast.engine import (SplitData, compile_model, configure_backends, labelled_batches, load_task_data,
                              loader_budget_bytes, make_accelerator, peak_lr, predict_probs, prepare_model, train_step)
 from cxr_fast.errors import CxrError, one_line, run_cli
+from cxr_fast.hub import require_pretrained
 from cxr_fast.io import atomic_path, remove_stale_temporaries, write_json
 from cxr_fast.locks import exclusive_lock
 from cxr_fast.loading import choose_loader, make_loader, with_shards_resolved
 from cxr_fast.loading.augment import AugmentSettings
 from cxr_fast.loading.sampler import balanced_epoch, rank_share
+from cxr_fast.models import get_arch
 from cxr_fast.recipes import Config, all_recipes, load_config, recipe_from_legacy
 from cxr_fast.same_run import changed_settings, refuse_changed_settings
 from cxr_fast.schema import RESUME_FILE, STATUS_FILE, finished_status, read_status
@@ -239,6 +241,8 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
     done = finished_run(config)
     if done is not None:
         return nothing_to_do(config, done, None, accelerator)
+    if config.pretrained and not config.pretrained_file:  # offline: fail before decoding any data
+        require_pretrained(get_arch(config.arch).timm_name)
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(config.seed)

@@ -161,13 +161,54 @@ def test_cli_errors_are_one_line_and_exit_2(args, message):
 
 
 @pytest.mark.slow
-def test_unreachable_hub_fails_the_run_with_the_way_out(phantom_shards, tmp_path):
-    env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
+@pytest.mark.parametrize("offline", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["HF_HUB_OFFLINE", "unreachable endpoint"])
+def test_unreachable_hub_fails_the_run_at_once_with_the_way_out(phantom_shards, tmp_path, offline):
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")}
+    env |= {"WANDB_MODE": "disabled", "HF_HUB_CACHE": str(tmp_path / "hub-cache"), **offline}
     args = small(phantom_shards, tmp_path, epochs=1, image_size=64, batch_size=8)
     done = subprocess.run([sys.executable, "-m", "cxr_fast.train", "--recipe", "effusion_resnet50", *args],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 2
-    assert "pretrained weights could not be loaded" in done.stderr and "pretrained=false" in done.stderr
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr  # no retries logged
+    assert "not in the local cache and the Hugging Face hub cannot be reached" in done.stderr
+    assert "pretrained=false" in done.stderr
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch):
+    """huggingface_hub aimed at a closed local port with an empty cache; counts the probes."""
+    from huggingface_hub import constants
+
+    from cxr_fast import hub
+
+    probes = []
+    real_probe = hub._probe
+    monkeypatch.setattr(hub, "_OFFLINE", {})
+    monkeypatch.setattr(hub, "_probe", lambda: probes.append(1) or real_probe())
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test: offline mode sets it
+    return probes
+
+
+def test_an_offline_sweep_asks_the_hub_once_and_fails_each_pretrained_run_at_once(
+        phantom_shards, tmp_path, monkeypatch, capsys, unreachable_hub):
+    from cxr_fast import sweep
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the run went on to decode its data")
+
+    monkeypatch.setattr("cxr_fast.train.load_task_data", no_data)
+    settings = [f"shards={phantom_shards}", f"weights_dir={tmp_path / 'weights'}", f"runs_dir={tmp_path / 'runs'}",
+                "logger=none", "image_size=64"]
+    with pytest.raises(CxrError, match="2 of 2 recipes failed"):
+        sweep.main(["--tasks", "effusion,edema", "--archs", "resnet50", "--in-process", *settings])
+    out = capsys.readouterr().out
+    assert "the Hugging Face hub cannot be reached (http://127.0.0.1:9 unreachable" in out
+    failed = [line.partition(": ")[2] for line in out.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 2 and failed[0] == failed[1] and failed[0].startswith("resnet50.a1_in1k: pretrained weights")
+    assert len(unreachable_hub) == 1 and os.environ["HF_HUB_OFFLINE"] == "1"  # inherited by the runs it starts
 
 
 def test_the_original_cli_form_and_list(capsys):
