@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         failures = run_local(commands, logs=args.logs)
     if failures:
-        raise CxrError(f"{failures} of {len(commands)} recipes failed; see the logs in {args.logs}")
+        where = "the FAILED lines above" if args.in_process else f"the logs in {args.logs}"  # in-process: no logs
+        raise CxrError(f"{failures} of {len(commands)} recipes failed; see {where}")
     return 0
 
 

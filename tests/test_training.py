@@ -202,7 +202,7 @@ def test_an_offline_sweep_asks_the_hub_once_and_fails_each_pretrained_run_at_onc
     monkeypatch.setattr("cxr_fast.train.load_task_data", no_data)
     settings = [f"shards={phantom_shards}", f"weights_dir={tmp_path / 'weights'}", f"runs_dir={tmp_path / 'runs'}",
                 "logger=none", "image_size=64"]
-    with pytest.raises(CxrError, match="2 of 2 recipes failed"):
+    with pytest.raises(CxrError, match="2 of 2 recipes failed; see the FAILED lines above"):
         sweep.main(["--tasks", "effusion,edema", "--archs", "resnet50", "--in-process", *settings])
     out = capsys.readouterr().out
     assert "the Hugging Face hub cannot be reached (http://127.0.0.1:9 unreachable" in out
