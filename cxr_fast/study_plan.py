@@ -91,8 +91,10 @@ def measured_on(path: Path) -> str:
 
 def newest_results(folder: Path = RESULTS_DIR, device: str | None = None) -> Path | None:
     """The newest results file in `folder` with training measurements from this kind of device
-    (the GPU's name, or none for a CPU)."""
-    for path in sorted(folder.glob("*.json"), key=lambda item: item.stat().st_mtime, reverse=True):
+    (the GPU's name, or none for a CPU). Newest by the date the file records (a fresh clone gives
+    every file the same modification time), then by modification time."""
+    found = []
+    for path in folder.glob("*.json"):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -100,8 +102,9 @@ def newest_results(folder: Path = RESULTS_DIR, device: str | None = None) -> Pat
         entries = list(throughput_entries(data))
         gpus = {((entry.get("machine") or {}).get("gpu") or {}).get("name") for entry in entries}
         if entries and (device in gpus if device else gpus == {None}):
-            return path
-    return None
+            dates = [str(item.get("date") or "") for item in (data, *entries) if isinstance(item, dict)]
+            found.append((max(dates), path.stat().st_mtime, path))
+    return max(found)[2] if found else None
 
 
 def this_device() -> str | None:

@@ -305,27 +305,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {len(commands)} to run, {skipped} already finished", file=sys.stderr)
         return 0
     print(f"{len(commands)} recipes to train, {skipped} already finished")
-    warn_if_hub_offline([configs[recipe] for recipe in todo])
+    unavailable = without_pretrained_weights([configs[recipe] for recipe in todo])
+    for recipe, message in unavailable.items():
+        print(f"FAILED {recipe}: {message}", flush=True)
+    failures = len(unavailable)
     if args.in_process:
-        failures = run_in_process(todo, args.overrides)
+        failures += run_in_process([recipe for recipe in todo if recipe not in unavailable], args.overrides)
     else:
-        failures = run_local(commands, logs=args.logs)
+        failures += run_local([item for item in commands if item[0] not in unavailable], logs=args.logs)
     if failures:
-        where = "the FAILED lines above" if args.in_process else f"the logs in {args.logs}"  # in-process: no logs
+        where = "the FAILED lines above" + ("" if args.in_process else f" and the logs in {args.logs}")
         raise CxrError(f"{failures} of {len(commands)} recipes failed; see {where}")
     return 0
 
 
-def warn_if_hub_offline(configs: list[Config]) -> None:
-    """Ask once whether the hub can be reached, for every recipe of the sweep: when it cannot, the
-    trainings it starts inherit offline mode and a recipe without cached weights fails at once."""
-    if any(config.pretrained and not config.pretrained_file for config in configs):
-        from cxr_fast.hub import offline_reason
+def without_pretrained_weights(configs: list[Config]) -> dict[str, str]:
+    """{recipe: the one-line reason} for the recipes that cannot get their pretrained weights:
+    the hub, asked once for the whole sweep, cannot be reached and they are not cached. They
+    fail here, without starting a run each; the runs started inherit offline mode."""
+    wanting = [config for config in configs if config.pretrained and not config.pretrained_file]
+    if not wanting:
+        return {}
+    from cxr_fast.hub import offline_reason, require_pretrained
+    from cxr_fast.models import get_arch
 
-        reason = offline_reason()
-        if reason:
-            print(f"the Hugging Face hub cannot be reached ({reason}): pretrained recipes whose weights are not "
-                  "cached fail at once (or give pretrained=false)", flush=True)
+    reason = offline_reason()
+    if not reason:
+        return {}
+    print(f"the Hugging Face hub cannot be reached ({reason}): pretrained recipes whose weights are not "
+          "cached fail at once (or give pretrained=false)", flush=True)
+    unavailable = {}
+    for config in wanting:
+        try:
+            require_pretrained(get_arch(config.arch).timm_name)
+        except CxrError as error:
+            unavailable[config.recipe] = str(error)
+    return unavailable
 
 
 def write_slurm(args: argparse.Namespace, recipes: list[str]) -> int:

@@ -86,3 +86,18 @@ def test_plan_names_the_device_its_hours_were_measured_on(tmp_path, capsys, gpu,
     assert "GPU-h" not in out and out.splitlines()[0].split()[-1] == "hours"
     total = next(line for line in out.splitlines() if line.startswith("total:"))
     assert f"hours on {device}" in total and f"measured on {device}" in out
+
+
+def test_the_newest_results_file_is_the_one_measured_last_not_the_last_touched(tmp_path):
+    """A fresh clone gives every results file the same modification time: the recorded date decides."""
+    import os
+
+    from cxr_fast.study_plan import newest_results
+
+    older = throughput_file(tmp_path / "b-older.json", {"resnet50": 1.0})
+    newer = throughput_file(tmp_path / "a-newer.json", {"resnet50": 2.0})
+    for path, date in ((older, "2026-11-25T19:05:43+00:00"), (newer, "2026-12-02T23:44:47+00:00")):
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"date": date}))
+    os.utime(newer, (1_000_000, 1_000_000))  # touched before the older measurement
+    assert newest_results(tmp_path) == newer
+    assert newest_results(tmp_path, device="NVIDIA H100") is None  # CPU measurements only

@@ -192,8 +192,9 @@ def unreachable_hub(tmp_path, monkeypatch):
     return probes
 
 
+@pytest.mark.parametrize("mode", [["--in-process"], []], ids=["in-process", "subprocess"])
 def test_an_offline_sweep_asks_the_hub_once_and_fails_each_pretrained_run_at_once(
-        phantom_shards, tmp_path, monkeypatch, capsys, unreachable_hub):
+        phantom_shards, tmp_path, monkeypatch, capsys, unreachable_hub, mode):
     from cxr_fast import sweep
 
     def no_data(*args, **kwargs):
@@ -203,12 +204,14 @@ def test_an_offline_sweep_asks_the_hub_once_and_fails_each_pretrained_run_at_onc
     settings = [f"shards={phantom_shards}", f"weights_dir={tmp_path / 'weights'}", f"runs_dir={tmp_path / 'runs'}",
                 "logger=none", "image_size=64"]
     with pytest.raises(CxrError, match="2 of 2 recipes failed; see the FAILED lines above"):
-        sweep.main(["--tasks", "effusion,edema", "--archs", "resnet50", "--in-process", *settings])
+        sweep.main(["--tasks", "effusion,edema", "--archs", "resnet50", "--logs", str(tmp_path / "logs"),
+                    *mode, *settings])
     out = capsys.readouterr().out
     assert "the Hugging Face hub cannot be reached (http://127.0.0.1:9 unreachable" in out
     failed = [line.partition(": ")[2] for line in out.splitlines() if line.startswith("FAILED")]
     assert len(failed) == 2 and failed[0] == failed[1] and failed[0].startswith("resnet50.a1_in1k: pretrained weights")
     assert len(unreachable_hub) == 1 and os.environ["HF_HUB_OFFLINE"] == "1"  # inherited by the runs it starts
+    assert not list(tmp_path.glob("logs/*.log"))  # no run was started to find that out
 
 
 def test_the_original_cli_form_and_list(capsys):
