@@ -81,7 +81,9 @@ def pytest_sessionfinish(session, exitstatus):
     changed = sorted(path for path in before.keys() | after.keys() if before.get(path) != after.get(path))
     if changed:
         shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-        session.config.get_terminal_writer().line(
+        writer = session.config.get_terminal_writer()
+        writer.line()
+        writer.line(
             f"FAILED: the test suite changed the project's own folders ({shown}); tests must work in tmp_path",
             red=True)
         session.exitstatus = 1
