@@ -23,12 +23,16 @@ endif
 # 448 px; runs pick the smallest listed set stored at >= their load size (shards=A,B).
 LARGE_SHARD_PX ?= 448
 LARGE_SHARDS ?= $(SHARDS)-$(LARGE_SHARD_PX)
-# The demo: three CPU-sized archs x six tasks, a few epochs each at 64 px.
+# The demo: three CPU-sized archs x six tasks, a few epochs each at 64 px. It keeps its weights,
+# logs and predictions in $(DEMO_DIR)/, apart from a user's own weights/, runs/ and all_pred/.
 DEMO_ARCHS ?= test_resnet,test_convnext,test_efficientnet
 DEMO_EPOCHS ?= 6
+DEMO_SETTINGS ?=
+DEMO_ANALYZE ?=
+DEMO_DIR ?= demo
 DEMO_REPORT ?= reports/demo
 
-.PHONY: setup test test-fast test-slurm shards demo bench clean help
+.PHONY: setup test test-fast test-slurm shards demo demo-steps bench clean help
 help:
 	@echo "make setup   create .venv and install everything (torch pinned, see constraints.txt)"
 	@echo "make shards  build the phantom data set and shard it to $(SHARDS)/ (or real MIMIC: MIMIC_CXR=... MIMIC_IV=... make shards)"
@@ -87,11 +91,17 @@ endif
 
 # The demo's archs train at 64 px: the 256 px set serves them, the 448 px one is not needed.
 demo: setup dirs $(if $(MIMIC_CXR),,$(SHARDS)/manifest.parquet)
-	$(PY) -m cxr_fast.sweep --in-process --tasks all --archs $(DEMO_ARCHS) shards=$(SHARDS) epochs=$(DEMO_EPOCHS) logger=none
-	$(PY) -m cxr_fast.predict --all --split test shards=$(SHARDS)
-	$(PY) -m cxr_fast.explain --pred-dir all_pred   # heatmaps for the report's gallery -> all_pred/explain/
-	$(PY) -m cxr_fast.analyze --pred-dir all_pred --out $(DEMO_REPORT)
+	@$(MAKE) --no-print-directory demo-steps
+
+# The demo's own steps on shards that exist (tests run them on a tiny set): a rerun resumes or
+# skips its recipes; weights, logs and predictions go to $(DEMO_DIR)/, the report to $(DEMO_REPORT)/.
+demo-steps: dirs
+	$(PY) -m cxr_fast.sweep --in-process --tasks all --archs $(DEMO_ARCHS) --logs $(DEMO_DIR)/runs/sweep \
+	    shards=$(SHARDS) epochs=$(DEMO_EPOCHS) logger=none weights_dir=$(DEMO_DIR)/weights runs_dir=$(DEMO_DIR)/runs $(DEMO_SETTINGS)
+	$(PY) -m cxr_fast.predict --all --split test --out-dir $(DEMO_DIR)/all_pred shards=$(SHARDS) weights_dir=$(DEMO_DIR)/weights
+	$(PY) -m cxr_fast.explain --pred-dir $(DEMO_DIR)/all_pred weights_dir=$(DEMO_DIR)/weights   # the gallery's heatmaps -> $(DEMO_DIR)/all_pred/explain/
+	$(PY) -m cxr_fast.analyze --pred-dir $(DEMO_DIR)/all_pred --out $(DEMO_REPORT) $(DEMO_ANALYZE)
 	@echo "report: $(CURDIR)/$(DEMO_REPORT)/index.html"
 
 clean:
-	rm -rf build shards data/phantom weights runs all_pred reports wandb
+	rm -rf build shards data/phantom weights runs all_pred reports wandb $(DEMO_DIR)

@@ -94,7 +94,8 @@ def get_arch(slug: str) -> Arch:
     try:
         return ARCHS[slug]
     except KeyError:
-        raise CxrError(f"unknown arch {slug!r}; see `python -m cxr_fast.train --list`") from None
+        raise CxrError(f"unknown arch {slug!r}; see `python -m cxr_fast.train --list '*'` (every recipe, "
+                       f"{{task}}_{{arch}})") from None
 
 
 def build_model(slug: str, *, pretrained: bool, image_size: int | None = None, pretrained_file: str = "") -> torch.nn.Module:
@@ -114,6 +115,10 @@ def build_model(slug: str, *, pretrained: bool, image_size: int | None = None, p
             raise CxrError(f"{pretrained_file}: pretrained_file not found")
         kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
         return _model_from_file(arch, pretrained_file, kwargs)
+    if pretrained:
+        from cxr_fast.hub import require_pretrained
+
+        require_pretrained(arch.timm_name)
     try:
         return timm.create_model(arch.timm_name, pretrained=pretrained, **kwargs)
     except OSError as error:

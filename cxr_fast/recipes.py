@@ -183,6 +183,16 @@ class Config(Augmentation):
     def resolved_batch_size(self) -> int:
         return self.batch_size or get_arch(self.arch).batch_size
 
+    def with_arch_defaults(self) -> "Config":
+        """The settings the run uses: `image_size` and `batch_size` 0 (the arch's) filled in."""
+        return dataclasses.replace(self, image_size=self.resolved_image_size, batch_size=self.resolved_batch_size)
+
+    @property
+    def resolved_load_size(self) -> int:
+        """Side each image is loaded at (the evaluation resize before its centre crop): what
+        the shard folder read must store at least."""
+        return load_size(self.resolved_image_size, self.eval_crop)
+
     @property
     def weights_path(self) -> Path:
         return Path(self.weights_dir) / self.recipe
@@ -201,6 +211,11 @@ _TYPES = typing.get_type_hints(Config)
 _IDENTITY = ("recipe", "task", "arch")
 
 
+def load_size(image_size: int, eval_crop: float) -> int:
+    """Side of the square an image is loaded at: image_size / eval_crop ("resize 256, crop 224")."""
+    return max(image_size, round(image_size / eval_crop))
+
+
 def recipe_name(task: str, arch: str) -> str:
     return f"{task}_{arch}"
 
@@ -215,7 +230,8 @@ def split_recipe(recipe: str) -> tuple[str, str]:
         prefix = f"{task}_"
         if recipe.startswith(prefix) and recipe[len(prefix):] in ARCHS:
             return task, recipe[len(prefix):]
-    raise CxrError(f"unknown recipe {recipe!r}; `python -m cxr_fast.train --list` lists them")
+    raise CxrError(f"unknown recipe {recipe!r}; `python -m cxr_fast.train --list` lists the study's, "
+                   f"`--list PATTERN` searches every recipe, the CPU-sized test_* ones too (e.g. --list '*test*')")
 
 
 def recipe_from_legacy(label_index: str, arch: str) -> str:

@@ -74,10 +74,12 @@ PREDICTION_REQUIRED_COLUMNS: tuple[str, ...] = tuple(
 
 STATUS_FILE = "status.json"
 RESUME_FILE = "last.pt"
-# Written by the training loop after every epoch; `config` (the run's settings) lets the
-# "same run" check (cxr_fast/same_run.py) skip loading the checkpoint.
+# Written by the training loop after every epoch; `config` (the run's settings) and `data` (what
+# it read: the shard folder and its manifest's digest, cxr_fast/shard_folders.py) let the "same
+# run" check (cxr_fast/same_run.py) skip loading the checkpoint.
 STATUS_FIELDS: tuple[str, ...] = (
     "recipe", "epoch", "epochs", "finished", "stopped_early", "best_epoch", "best_balanced_accuracy", "config",
+    "data",
 )
 
 

@@ -2,8 +2,9 @@
 
 Per recipe: images per balanced epoch (2 x the minority class of the task's train split),
 validation images, epochs (an upper bound: early stopping may end a run sooner), validations
-(`val_every`: every N-th epoch and the last) and hours, from measured `bench train` throughput
-(a results file of `bench train`, `bench suite` or `bench gpu-check`). Validation is counted
+(`val_every`: every N-th epoch and the last) and hours on the device the throughput was
+measured on (named in the output), from measured `bench train` throughput (a results file of
+`bench train`, `bench suite` or `bench gpu-check`). Validation is counted
 at 3x the training rate (a forward pass without the backward); its share of the hours is shown
 per recipe and in total (for rare tasks it exceeds the training). An arch without a
 measurement is shown as unknown and leaves the total open. The floor: the recipe's training
@@ -67,7 +68,7 @@ class RecipePlan:
 
     @property
     def validation_share(self) -> float:
-        """Validation's share of the recipe's GPU-hours (needs no throughput: both scale with it)."""
+        """Validation's share of the recipe's hours (needs no throughput: both scale with it)."""
         total = self._training_images + self._validation_images_at_training_rate
         return self._validation_images_at_training_rate / total if total else 0.0
 
@@ -120,10 +121,30 @@ def measured_device(path: Path) -> str | None:
     return gpus.pop() if len(gpus) == 1 else None
 
 
+def measured_on(path: Path) -> str:
+    """The device(s) a results file's training throughput was measured on: a GPU's name, or
+    `CPU (<model>, N cores)`; the plan's hours are hours on that device."""
+    try:
+        entries = list(throughput_entries(json.loads(Path(path).read_text())))
+    except (OSError, ValueError):
+        return "an unknown device"
+    devices = []
+    for entry in entries:
+        machine = entry.get("machine") or {}
+        gpu = (machine.get("gpu") or {}).get("name")
+        cores = f", {machine['cpu_count']} cores" if machine.get("cpu_count") else ""
+        device = gpu or f"CPU ({machine.get('cpu') or 'unknown model'}{cores})"
+        if device not in devices:
+            devices.append(device)
+    return " / ".join(devices) or "an unknown device"
+
+
 def newest_results(folder: Path = RESULTS_DIR, device: str | None = None) -> Path | None:
     """The newest results file in `folder` with training measurements from this kind of device
-    (the GPU's name, or none for a CPU)."""
-    for path in sorted(folder.glob("*.json"), key=lambda item: item.stat().st_mtime, reverse=True):
+    (the GPU's name, or none for a CPU). Newest by the date the file records (a fresh clone gives
+    every file the same modification time), then by modification time."""
+    found = []
+    for path in folder.glob("*.json"):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -131,8 +152,9 @@ def newest_results(folder: Path = RESULTS_DIR, device: str | None = None) -> Pat
         entries = list(throughput_entries(data))
         gpus = {((entry.get("machine") or {}).get("gpu") or {}).get("name") for entry in entries}
         if entries and (device in gpus if device else gpus == {None}):
-            return path
-    return None
+            dates = [str(item.get("date") or "") for item in (data, *entries) if isinstance(item, dict)]
+            found.append((max(dates), path.stat().st_mtime, path))
+    return max(found)[2] if found else None
 
 
 def this_device() -> str | None:
@@ -142,7 +164,8 @@ def this_device() -> str | None:
 
 
 def recipe_plan(config: Config, rates: dict[str, float], peak: float | None = None) -> RecipePlan:
-    from cxr_fast.loading.payloads import read_manifest, resolve_shards
+    from cxr_fast.loading.payloads import read_manifest
+    from cxr_fast.shard_folders import resolve_shards
 
     manifest = _manifest(resolve_shards(config.shards, 0), read_manifest)  # the label counts: any size of the cohort
     if config.task not in manifest.columns:
@@ -180,7 +203,10 @@ def slurm_time(plans: list[RecipePlan]) -> str | None:
 
 
 def format_plan(plans: list[RecipePlan], source: Path | None, device: str | None = None) -> str:
-    lines = [f"{'recipe':<40} {'epoch img':>10} {'val img':>8} {'epochs':>6} {'img/s':>8} {'GPU-h':>8} "
+    """The plan's table; hours are on the device the throughput file was measured on (named);
+    `device`, the GPU whose peak gives the floor (None: a CPU)."""
+    measured = measured_on(source) if source else "no measured device"
+    lines = [f"{'recipe':<40} {'epoch img':>10} {'val img':>8} {'epochs':>6} {'img/s':>8} {'hours':>8} "
              f"{'vals':>5} {'val %':>6} {'floor-h':>8}"]
     for plan in plans:
         rate = f"{plan.images_per_second:.0f}" if plan.images_per_second else "unknown"
@@ -191,17 +217,17 @@ def format_plan(plans: list[RecipePlan], source: Path | None, device: str | None
     known = [plan for plan in plans if plan.hours is not None]
     unknown = sorted({plan.arch for plan in plans if plan.hours is None})
     total_hours = sum(plan.hours for plan in known)
-    total = f"{total_hours:.2f} GPU-hours at most (epochs are an upper bound: early stopping ends runs sooner)"
+    total = f"{total_hours:.2f} hours on {measured} at most (epochs are an upper bound: early stopping ends runs sooner)"
     lines.append(f"total: {len(plans)} recipes, {sum(p.images_per_epoch * p.epochs for p in plans):,} training images, "
                  + total + (f" + unknown for {', '.join(unknown)} (no measurement: "
                             "python -m cxr_fast.bench train --arch A --json FILE)" if unknown else ""))
     if known:
         validation = sum(plan.validation_hours for plan in known)
         every = sorted({plan.val_every for plan in plans})
-        lines.append(f"validation: {validation:.2f} of those GPU-hours ({100 * validation / total_hours:.1f}%), "
+        lines.append(f"validation: {validation:.2f} of those hours ({100 * validation / total_hours:.1f}%), "
                      f"val_every={','.join(map(str, every))} (1: every epoch; N: every N-th and the last)")
     lines.append(floor_line(plans, device))
-    lines.append(f"throughput: {source}" if source else "throughput: no results file for this device")
+    lines.append(f"throughput: {source}, measured on {measured}" if source else "throughput: no results file for this device")
     return "\n".join(lines)
 
 
@@ -214,7 +240,7 @@ def floor_line(plans: list[RecipePlan], device: str | None) -> str:
     measured = [(plan.hours, plan.floor_hours) for plan in plans if plan.hours is not None]
     ratio = (f"; the measured hours are {sum(h for h, _ in measured) / sum(f for _, f in measured):.1f}x it"
              if measured and sum(f for _, f in measured) else "")
-    return (f"floor: {flops:.2e} FLOPs = {floor:.2f} GPU-hours at the {plans[0].peak_flops / 1e12:.0f} TFLOP/s "
+    return (f"floor: {flops:.2e} FLOPs = {floor:.2f} hours at the {plans[0].peak_flops / 1e12:.0f} TFLOP/s "
             f"bf16 peak of {device}{ratio}")
 
 

@@ -1,6 +1,8 @@
 """Where the study stands: one row per recipe, read from files alone (`sweep --status`).
 
-Sources: `weights/<recipe>/status.json` (epochs, finished, best epoch), `runs/<recipe>/metrics.jsonl`
+Each saved run is judged against its own saved settings (its `epochs`), unless `--as-requested`
+asks about the settings given on the command line. Sources: `weights/<recipe>/status.json`
+(epochs, finished, best epoch), `runs/<recipe>/metrics.jsonl`
 (per-epoch validation metrics, throughput, epoch time), the recipe's lock (held = running) and its
 log (the last error line of a failed run). Nothing here imports torch, so 114 rows print at once.
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 from cxr_fast.locks import describe, lock_holder
 from cxr_fast.recipes import Config
 from cxr_fast.same_run import is_finished
-from cxr_fast.schema import RESUME_FILE, read_status
+from cxr_fast.schema import RESUME_FILE, finished_status, read_status
 
 # A line that says why a run ended: `error: ...` (CxrError), `SomethingError: ...` (a traceback's
 # last line), an out-of-memory kill, a Slurm cancellation or time-out.
@@ -24,8 +26,13 @@ _JOB_HEADER = "== "  # each job's first line in the recipe's log (sweep writes i
 _LOG_TAIL_BYTES = 64 * 1024
 
 
-def recipe_status(config: Config, *, logs: Path) -> dict:
+def recipe_status(config: Config, *, logs: Path, as_requested: bool = False) -> dict:
+    """One recipe's row. A saved run is judged against its own saved settings (a run trained with
+    `epochs=2` is finished after 2 epochs); with `as_requested`, against `config` (what a sweep
+    with these settings would still do: more epochs reopen a finished run)."""
     status = read_status(config.weights_path) or {}
+    own = not as_requested and bool(status)
+    target = status.get("epochs") if own and isinstance(status.get("epochs"), int) else config.epochs
     metrics = _read_metrics(config.run_path / "metrics.jsonl")
     epochs_done = status.get("epoch") or max((line["epoch"] for line in metrics), default=0)
     best_epoch = status.get("best_epoch") or _best_epoch(metrics)
@@ -35,7 +42,7 @@ def recipe_status(config: Config, *, logs: Path) -> dict:
     error = None
     if holder is not None:
         state = "running"
-    elif is_finished(config):
+    elif (finished_status(config.weights_path, recipe=config.recipe, epochs=target) if own else is_finished(config)):
         state = "stopped early" if status.get("stopped_early") else "finished"
     elif not (epochs_done or log.is_file() or (config.weights_path / RESUME_FILE).is_file()):
         state = "not started"
@@ -44,11 +51,11 @@ def recipe_status(config: Config, *, logs: Path) -> dict:
         state = "failed" if error else "interrupted"
     done = state in ("finished", "stopped early")
     return {
-        "recipe": config.recipe, "state": state, "epochs_done": epochs_done, "epochs": config.epochs,
+        "recipe": config.recipe, "state": state, "epochs_done": epochs_done, "epochs": target,
         "best_epoch": best_epoch if best_epoch and best_epoch > 0 else None,
         "best_val_balanced_accuracy": best.get("val_balanced_accuracy"), "best_val_auroc": best.get("val_auroc"),
         "images_per_second": metrics[-1].get("images_per_second") if metrics else None,
-        "seconds_left": 0.0 if done else _seconds_left(metrics, config.epochs - epochs_done),
+        "seconds_left": 0.0 if done else _seconds_left(metrics, target - epochs_done),
         "held_by": describe(holder) if holder is not None else None, "last_error": error,
     }
 
@@ -103,8 +110,8 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def print_status(configs: list[Config], *, logs: Path, as_json: bool) -> None:
-    rows = [recipe_status(config, logs=logs) for config in configs]
+def print_status(configs: list[Config], *, logs: Path, as_json: bool, as_requested: bool = False) -> None:
+    rows = [recipe_status(config, logs=logs, as_requested=as_requested) for config in configs]
     if as_json:
         json.dump({"recipes": rows, "total": totals(rows)}, sys.stdout, indent=1)
         print()

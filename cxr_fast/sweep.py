@@ -225,13 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--status", action="store_true",
                         help="print where each selected recipe stands (state, epochs, best epoch, time left)")
     parser.add_argument("--json", action="store_true", help="with --status: JSON for scripts")
+    parser.add_argument("--as-requested", action="store_true",
+                        help="with --status: judge each saved run against the settings given here (what this sweep "
+                             "would still train), not against the run's own saved settings (the default)")
     parser.add_argument("--slurm", type=Path, metavar="FILE", help="write an sbatch --array script instead of running")
     parser.add_argument("--gpus-per-task", type=int, default=1, help="with --slurm (default 1; 0: CPU jobs)")
     parser.add_argument("--cpus-per-task", type=int, default=0, help="with --slurm (default 8 per GPU, 8 for CPU jobs)")
     parser.add_argument("--time", help="with --slurm: time limit per recipe (default 48:00:00; with --plan: "
                                        "the longest recipe's estimate + 25%%)")
     parser.add_argument("--plan", action="store_true",
-                        help="print images per epoch, validation images and GPU-hours per recipe and in total")
+                        help="print images per epoch, validation images and hours (on the device the throughput "
+                             "was measured on, named) per recipe and in total")
     parser.add_argument("--throughput", type=Path, metavar="FILE",
                         help="with --plan: a bench results file (default: the newest in benchmarks/results for this device)")
     parser.add_argument("--partition", default="", help="with --slurm")
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.status:
         from cxr_fast.study_status import print_status
 
-        print_status(list(configs.values()), logs=args.logs, as_json=args.json)
+        print_status(list(configs.values()), logs=args.logs, as_json=args.json, as_requested=args.as_requested)
         return 0
     if args.plan:
         from cxr_fast.study_plan import format_plan, slurm_time, study_plan
@@ -284,13 +288,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {len(commands)} to run, {skipped} already finished", file=sys.stderr)
         return 0
     print(f"{len(commands)} recipes to train, {skipped} already finished")
+    unavailable = without_pretrained_weights([configs[recipe] for recipe in todo])
+    for recipe, message in unavailable.items():
+        print(f"FAILED {recipe}: {message}", flush=True)
+    failures = len(unavailable)
     if args.in_process:
-        failures = run_in_process(todo, args.overrides)
+        failures += run_in_process([recipe for recipe in todo if recipe not in unavailable], args.overrides)
     else:
-        failures = run_local(commands, logs=args.logs)
+        failures += run_local([item for item in commands if item[0] not in unavailable], logs=args.logs)
     if failures:
-        raise CxrError(f"{failures} of {len(commands)} recipes failed; see the logs in {args.logs}")
+        where = "the FAILED lines above" + ("" if args.in_process else f" and the logs in {args.logs}")
+        raise CxrError(f"{failures} of {len(commands)} recipes failed; see {where}")
     return 0
+
+
+def without_pretrained_weights(configs: list[Config]) -> dict[str, str]:
+    """{recipe: the one-line reason} for the recipes that cannot get their pretrained weights:
+    the hub, asked once for the whole sweep, cannot be reached and they are not cached. They
+    fail here, without starting a run each; the runs started inherit offline mode."""
+    wanting = [config for config in configs if config.pretrained and not config.pretrained_file]
+    if not wanting:
+        return {}
+    from cxr_fast.hub import offline_reason, require_pretrained
+    from cxr_fast.models import get_arch
+
+    reason = offline_reason()
+    if not reason:
+        return {}
+    print(f"the Hugging Face hub cannot be reached ({reason}): pretrained recipes whose weights are not "
+          "cached fail at once (or give pretrained=false)", flush=True)
+    unavailable = {}
+    for config in wanting:
+        try:
+            require_pretrained(get_arch(config.arch).timm_name)
+        except CxrError as error:
+            unavailable[config.recipe] = str(error)
+    return unavailable
 
 
 def write_slurm(args: argparse.Namespace, recipes: list[str]) -> int:

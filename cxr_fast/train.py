@@ -29,15 +29,18 @@ from cxr_fast.engine import (SplitData, compile_model, configure_backends, eval_
                              load_task_data, loader_budget_bytes, make_accelerator, peak_lr, predict_probs,
                              prepare_model, train_step)
 from cxr_fast.errors import CxrError, one_line, run_cli
+from cxr_fast.hub import require_pretrained
 from cxr_fast.io import remove_stale_temporaries, write_json
 from cxr_fast.locks import exclusive_lock
 from cxr_fast.loading import choose_loader, choose_loader_for_all, make_loader, with_shards_resolved
 from cxr_fast.loading.augment import AugmentSettings
 from cxr_fast.loading.sampler import balanced_epoch, rank_share
 from cxr_fast.metrics_log import MetricsLog
+from cxr_fast.models import get_arch
 from cxr_fast.recipes import Config, all_recipes, load_config, recipe_from_legacy
 from cxr_fast.same_run import refuse_changed_settings
 from cxr_fast.schema import RESUME_FILE, STATUS_FILE, finished_status, read_status
+from cxr_fast.shard_folders import data_identity
 from cxr_fast.validation import validation_metrics
 
 # ------------------------------------------------------------------ numerics
@@ -68,12 +71,13 @@ def save_best(model: torch.nn.Module, path: Path, record: dict) -> None:
     write_json(path / "best.json", record)
 
 
-def write_status(config: Config, state: "Progress", *, finished: bool, stopped_early: bool) -> None:
-    """`weights/<recipe>/status.json`: what the study runner reads to skip or resume a recipe."""
+def write_status(config: Config, state: "Progress", *, finished: bool, stopped_early: bool, data: dict) -> None:
+    """`weights/<recipe>/status.json`: what the study runner reads to skip or resume a recipe;
+    `data` is the identity of the shards read (shard_folders.data_identity)."""
     write_json(config.weights_path / STATUS_FILE, {
         "recipe": config.recipe, "epoch": state.epoch, "epochs": config.epochs, "finished": finished,
         "stopped_early": stopped_early, "best_epoch": state.best_epoch, "best_balanced_accuracy": state.best_score,
-        "config": config.to_dict(),
+        "config": config.to_dict(), "data": data,
     })
 
 
@@ -124,14 +128,15 @@ def recipe_lock(config: Config, accelerator):
         yield
 
 
-def start_same_run(config: Config, accelerator) -> None:
-    """Refuse to continue a saved run under other settings, or with restart=true discard it.
+def start_same_run(config: Config, accelerator, data: dict) -> None:
+    """Refuse to continue a saved run under other settings or on other data (`data`: the identity
+    of what this run reads), or with restart=true discard it.
 
     The main process reads the saved run and decides for all: a rank reading on its own could
     find the files already discarded by the main process, skip the barrier below and enter DDP
     set-up while the main process waits there (a hang until the collective's timeout)."""
     action, message = main_process_decides_object(
-        same_run_decision(config) if accelerator.is_main_process else None, accelerator)
+        same_run_decision(config, data) if accelerator.is_main_process else None, accelerator)
     if action == "refuse":
         raise CxrError(message)
     if action == "discard":
@@ -142,18 +147,18 @@ def start_same_run(config: Config, accelerator) -> None:
         accelerator.wait_for_everyone()
 
 
-def same_run_decision(config: Config) -> tuple[str, str | None]:
+def same_run_decision(config: Config, data: dict) -> tuple[str, str | None]:
     """("continue", None): no saved run, or one with these settings; ("discard", None): other
     settings and restart=true; ("refuse", the one-line reason): other settings, or a saved run
     that cannot be read."""
     try:
-        saved, source = saved_settings(config)
+        saved, saved_data, source = saved_settings(config)
     except CxrError as error:  # an unreadable saved run: every rank stops with the reason
         return "refuse", str(error)
     if saved is None:
         return "continue", None
     try:
-        refuse_changed_settings(saved, config, source)
+        refuse_changed_settings(saved, config, source, saved_data=saved_data, data=data)
     except CxrError as error:
         return ("discard", None) if config.restart else ("refuse", str(error))
     return "continue", None
@@ -162,16 +167,18 @@ def same_run_decision(config: Config) -> tuple[str, str | None]:
 RUN_FILES = (STATUS_FILE, RESUME_FILE, "best.json", "best.safetensors")  # what a saved run consists of
 
 
-def saved_settings(config: Config) -> tuple[dict | None, Path | None]:
-    """The saved run's settings: from status.json when it has them (no checkpoint load), else
-    from last.pt; (None, None) when there is no saved run."""
+def saved_settings(config: Config) -> tuple[dict | None, dict | None, Path | None]:
+    """The saved run's settings and data identity (None for a run saved before it was recorded):
+    from status.json when it has them (no checkpoint load), else from last.pt; (None, None, None)
+    when there is no saved run."""
     status_path, last_path = config.weights_path / STATUS_FILE, config.weights_path / RESUME_FILE
     if last_path.is_file():
-        saved = (read_status(config.weights_path) or {}).get("config")
-        if isinstance(saved, dict):
-            return saved, status_path
-        return load_checkpoint(last_path)["config"], last_path
-    return None, None
+        status = read_status(config.weights_path) or {}
+        if isinstance(status.get("config"), dict):
+            return status["config"], status.get("data"), status_path
+        checkpoint = load_checkpoint(last_path)
+        return checkpoint["config"], checkpoint.get("data"), last_path
+    return None, None, None
 
 
 def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
@@ -179,19 +186,22 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
 
     device = accelerator.device
     accelerator.print(world_line(config, accelerator))
-    start_same_run(config, accelerator)
+    # Its own inputs first: missing shards are reported as missing, whatever run is saved. The
+    # folder read is resolved from the listed ones; the run is identified by that data.
+    shards_dir = Path(with_shards_resolved(config).shards)
+    data = data_identity(shards_dir)
+    start_same_run(config, accelerator, data)
     done = finished_run(config)
     if done is not None:
         return nothing_to_do(config, done, None, accelerator)
+    if config.pretrained and not config.pretrained_file:  # offline: fail before decoding any data
+        require_pretrained(get_arch(config.arch).timm_name)
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(config.seed)
 
     configure_backends(config, device)
 
-    # The folder read is resolved from the listed ones; what is saved (status.json, last.pt,
-    # best.json) keeps the requested `shards`, so a rerun compares like with like.
-    shards_dir = Path(with_shards_resolved(config).shards)
     train_data, val_data = load_task_data(replace(config, shards=str(shards_dir)))
     settings = AugmentSettings.from_config(config)
     batch_size = config.resolved_batch_size
@@ -210,7 +220,7 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
     state = Progress()
     last_path = config.weights_path / RESUME_FILE
     if last_path.is_file():
-        state = resume(last_path, accelerator, model, optimizer, config)
+        state = resume(last_path, accelerator, model, optimizer, config, data)
     # Also without status.json (a kill between writing last.pt and status.json).
     if state.epoch >= config.epochs or stopped_early(state, config):
         return nothing_to_do(config, state, kind, accelerator)
@@ -280,11 +290,12 @@ def _train(config: Config, accelerator, *, progress_bar: bool) -> dict:
             stop_early = stopped_early(state, config, accelerator)
             if clock.due(state.epoch, final=stop_early or state.epoch >= config.epochs, accelerator=accelerator):
                 clock.started()
-                write_resume_state(state, model, optimizer, accelerator, config)
+                write_resume_state(state, model, optimizer, accelerator, config, data)
                 clock.saved(state.epoch)
             accelerator.print(epoch_line(config, record, clock))
             if accelerator.is_main_process:
-                write_status(config, state, finished=stop_early or state.epoch >= config.epochs, stopped_early=stop_early)
+                write_status(config, state, finished=stop_early or state.epoch >= config.epochs, stopped_early=stop_early,
+                             data=data)
             if stop_early:
                 accelerator.print(f"{config.recipe}: early stop, no better val balanced accuracy for {config.early_stopping} epochs")
                 break
@@ -364,7 +375,7 @@ def end_of_epoch(state: Progress, record: dict, val: dict | None, model, acceler
     return state
 
 
-def write_resume_state(state: Progress, model, optimizer, accelerator, config: Config) -> None:
+def write_resume_state(state: Progress, model, optimizer, accelerator, config: Config, data: dict) -> None:
     """`last.pt`: everything a resume needs, written by the main process while the others wait."""
     if accelerator.is_main_process:
         save_checkpoint({
@@ -374,6 +385,7 @@ def write_resume_state(state: Progress, model, optimizer, accelerator, config: C
             "progress": state.__dict__,
             "rng": rng_state(),
             "config": config.to_dict(),
+            "data": data,
         }, config.weights_path / RESUME_FILE)
     accelerator.wait_for_everyone()
 
@@ -449,9 +461,9 @@ def main_process_decides(flag: bool, accelerator) -> bool:
     return bool(broadcast(torch.tensor([flag], device=accelerator.device), from_process=0).item())
 
 
-def resume(path: Path, accelerator, model, optimizer, config: Config) -> Progress:
+def resume(path: Path, accelerator, model, optimizer, config: Config, data: dict) -> Progress:
     checkpoint = load_checkpoint(path)
-    refuse_changed_settings(checkpoint["config"], config, path)
+    refuse_changed_settings(checkpoint["config"], config, path, saved_data=checkpoint.get("data"), data=data)
     try:
         accelerator.unwrap_model(model).load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -497,10 +509,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str | None, 
         epilog="examples: --recipe effusion_test_resnet epochs=2 | 1 convnext_large | --list 'effusion_*'",
     )
     parser.add_argument("--recipe", help="{task}_{arch}, e.g. effusion_convnext_large")
-    parser.add_argument("--list", nargs="?", const="*", metavar="PATTERN",
-                        help="list the 114 study recipes (wildcards allowed) and exit")
+    parser.add_argument("--list", nargs="?", const="", metavar="PATTERN",
+                        help="list the 114 study recipes and exit; with a PATTERN (wildcards, e.g. '*test*'): "
+                             "every recipe that matches, the CPU-sized test_* ones too")
     parser.add_argument("--list-all", action="store_true", help="with --list: include the CPU-sized recipes")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the settings the run will use (the arch's image_size and batch_size filled in) and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("rest", nargs="*", help="`<label_index> <arch>` (original form) and/or key=value settings")
     args = parser.parse_intermixed_args(argv)
@@ -514,20 +528,31 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str | None, 
     return args, recipe, overrides
 
 
+def listed_recipes(pattern: str, *, every: bool = False) -> list[str]:
+    """`--list`: the study's recipes; `--list PATTERN`: every recipe matching it (test_* too).
+    A pattern that matches nothing is an error, not an empty list."""
+    import fnmatch
+
+    if not pattern:
+        return all_recipes(study_only=not every)
+    names = [name for name in all_recipes() if fnmatch.fnmatch(name, pattern)]
+    if not names:
+        raise CxrError(f"--list {pattern}: no recipe matches (recipes are {{task}}_{{arch}}, e.g. effusion_test_resnet; "
+                       "wildcards: --list '*resnet*')")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     args, recipe, overrides = parse_args(argv)
-    if args.list:
-        import fnmatch
-
-        for name in all_recipes(study_only=not args.list_all):
-            if fnmatch.fnmatch(name, args.list):
-                print(name)
+    if args.list is not None:
+        for name in listed_recipes(args.list, every=args.list_all):
+            print(name)
         return 0
     if recipe is None:
         raise CxrError("no recipe given: use --recipe {task}_{arch} (see --list) or `<label_index> <arch>`")
     config = load_config(recipe, overrides)
     if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
+        print(json.dumps(config.with_arch_defaults().to_dict(), indent=2))
         return 0
     result = train(config, progress_bar=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:  # one summary line per run, not per process

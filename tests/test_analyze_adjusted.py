@@ -152,3 +152,14 @@ def test_an_underflowed_q_value_prints_as_a_bound():
     assert format_q(0.0) == "q < 1e-300"
     assert format_q(5e-320) == "q < 1e-300"
     assert format_q(0.0123) == "q <= 0.012"
+
+
+def test_a_class_whose_images_share_every_attribute_has_no_term_rows():
+    """A small class (a tiny demo's positives) may hold one level of every attribute: no term to fit."""
+    from cxr_fast.analyze.adjusted import ATTRIBUTES, fit_rows
+
+    one_group = {"sex": "F", "age_group": "60-80", "race": "White", "view": "PA"}
+    images = pd.DataFrame({column: [one_group.get(column, "x")] * 4 for column in ATTRIBUTES})
+    rows = fit_rows("effusion", "false_negative", "m", ClassImages(images, np.arange(4)),
+                    np.array([True, False, True, False]), min_count=1, level=0.95)
+    assert rows == []

@@ -208,3 +208,26 @@ def test_gpu_check_script_is_the_python_command():
 def test_make_bench_target():
     dry = subprocess.run(["make", "-n", "bench"], cwd=ROOT, capture_output=True, text=True)
     assert dry.returncode == 0 and "-m cxr_fast.bench suite" in dry.stdout
+
+
+def test_train_bench_shows_progress_and_keeps_the_blocks_timed_before_a_stop(tmp_path, monkeypatch, capsys):
+    import cxr_fast.bench.train as bench_train_module
+
+    real_timed, calls = bench_train_module.timed, []
+
+    def timed_then_interrupted(block, device):  # Ctrl-C in the second timed block
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_timed(block, device)
+
+    monkeypatch.setattr(bench_train_module, "timed", timed_then_interrupted)
+    out = tmp_path / "partial.json"
+    assert main(["train", "--arch", "test_convnext", "--loader", "synthetic", "--image-size", "32",
+                 "--batch-size", "4", "--steps", "1", "--repeats", "3", "--warmup", "1", "--precision", "fp32",
+                 "--json", str(out)]) == 130
+    result = json.loads(out.read_text())
+    assert result["stopped"] == "stopped after 1 of 3 blocks"
+    assert len(result["synthetic"]["images_per_second"]["values"]) == 1
+    said = capsys.readouterr().err
+    assert "bench train: warm-up: 1 steps per stream (synthetic)" in said and "block 1/3 (1 steps each): synthetic " in said

@@ -146,7 +146,7 @@ def test_training_on_a_flipped_byte_stops_in_one_line_naming_shard_and_key(copie
         [sys.executable, "-m", "cxr_fast.train", "--recipe", "effusion_test_resnet", "--no-progress",
          f"shards={copied_shards}", f"weights_dir={tmp_path / 'weights'}", f"runs_dir={tmp_path / 'runs'}",
          "epochs=1", "batch_size=16", "logger=none", "loader=resident"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr
     assert lines[-1] == f"error: {copied_shards / row.shard}: {row.key}: bytes differ from the manifest's checksum " \

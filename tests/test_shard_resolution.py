@@ -9,7 +9,7 @@ import pytest
 
 from cxr_fast.errors import CxrError
 from cxr_fast.loading import with_shards_resolved
-from cxr_fast.loading.payloads import resolve_shards, stored_size
+from cxr_fast.shard_folders import resolve_shards, stored_size
 from cxr_fast.recipes import load_config
 
 

@@ -26,6 +26,7 @@ from cxr_fast.tasks import TASKS
 from conftest import SHARD_PIXELS, shard_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARD_TOOL = str(ROOT / "tools" / "shard_dataset.py")  # run from the test's own folder
 COHORT_COLUMNS = ["key", "dicom_id", "subject_id", "study_id", "path", "view", "sex", "age", "age_group", "race", "split", *TASKS]
 
 
@@ -104,8 +105,8 @@ def _tool_arguments(phantom_root: Path, out: Path) -> list[str]:
 
 
 def _shard_process(phantom_root: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "tools/shard_dataset.py", *_tool_arguments(phantom_root, out)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([sys.executable, SHARD_TOOL, *_tool_arguments(phantom_root, out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 # The tool, killed with SIGKILL by itself right after its N-th tar member: the kill lands at
@@ -138,7 +139,7 @@ def test_a_killed_run_resumes_to_byte_identical_output(phantom_root, tmp_path):
     out = tmp_path / "crashed"
     members = 3 * 2 * 8 + 5  # three full shards of 8 (jpg + json each), then mid-way into the fourth
     crashed = subprocess.run([sys.executable, "-c", KILLED_AFTER_MEMBERS, str(members), *_tool_arguments(phantom_root, out)],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=300)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     assert len(list((out / shards.PARTS_DIR).glob("train-*.json"))) == 3
     assert not (out / "manifest.parquet").exists()
@@ -212,11 +213,11 @@ def test_a_second_run_into_a_locked_folder_exits_at_once_naming_the_holder(phant
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys\nfrom cxr_fast.locks import exclusive_lock\n"
          "with exclusive_lock(sys.argv[1], what='sharding run'):\n    print('held', flush=True)\n    sys.stdin.read()",
-         str(out)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+         str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        done = subprocess.run([sys.executable, "tools/shard_dataset.py", *shard_arguments(phantom_root, out)],
-                              cwd=ROOT, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, SHARD_TOOL, *shard_arguments(phantom_root, out)],
+                              capture_output=True, text=True)
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
@@ -261,7 +262,7 @@ def test_unreadable_and_missing_images_become_exclusions(damaged_phantom, tmp_pa
 
 
 def _expect_error(args: list[str], message: str, out: Path) -> None:
-    done = subprocess.run([sys.executable, "tools/shard_dataset.py", *args], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, SHARD_TOOL, *args], capture_output=True, text=True)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], done.stderr

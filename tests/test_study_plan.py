@@ -28,7 +28,7 @@ def throughput_file(path: Path, rates: dict[str, float], gpu: str | None = None)
     def entry(arch, rate):
         measured = {"images_per_second": {"median": rate, "min": rate, "max": rate, "spread": 0, "values": [rate]}}
         return {"kind": "train", "command": "x", "settings": {"arch": arch}, "synthetic": measured, "real": measured,
-                "machine": {"gpu": {"name": gpu} if gpu else None}}
+                "machine": {"gpu": {"name": gpu} if gpu else None, "cpu": "Intel Xeon", "cpu_count": 2}}
     path.write_text(json.dumps({"kind": "suite", "train": [entry(arch, rate) for arch, rate in rates.items()]}))
     return path
 
@@ -110,7 +110,7 @@ def test_plan_gives_the_floor_at_the_measured_devices_peak(tmp_path, capsys, mon
     flops = 1e9 * (4 * 60 * 3 + 4 * 20)  # training images x (forward + 2 x forward), validation x forward
     floor_hours = flops / 989e12 / 3600
     assert plan_line(out, "effusion_resnet50")[8] == f"{floor_hours:.3f}"
-    assert f"floor: {flops:.2e} FLOPs = {floor_hours:.2f} GPU-hours at the 989 TFLOP/s bf16 peak of NVIDIA H100" in out
+    assert f"floor: {flops:.2e} FLOPs = {floor_hours:.2f} hours at the 989 TFLOP/s bf16 peak of NVIDIA H100" in out
     hours = 4 * (60 + 20 / 3) / 10 / 3600
     assert f"the measured hours are {hours / floor_hours:.1f}x it" in out
     assert counted == [("resnet50", 160)]
@@ -124,3 +124,30 @@ def test_device_peaks_and_counted_flops():
     small, large = forward_flops("test_resnet", 64), forward_flops("test_resnet", 128)
     assert small > 0 and 3.5 < large / small < 4.5  # convolutions: FLOPs grow with the pixel count
     assert training_flops("test_resnet", 64) == 3 * small
+
+
+@pytest.mark.parametrize(("gpu", "device"), [(None, "CPU (Intel Xeon, 2 cores)"), ("NVIDIA H100 80GB HBM3", "NVIDIA H100")])
+def test_plan_names_the_device_its_hours_were_measured_on(tmp_path, capsys, gpu, device):
+    shards = fabricated_shards(tmp_path / "shards")
+    rates = throughput_file(tmp_path / "rates.json", {"resnet50": 10.0}, gpu=gpu)
+    assert main(["--tasks", "effusion", "--archs", "resnet50", "--plan", "--throughput", str(rates),
+                 f"shards={shards}"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU-h" not in out and "hours" in out.splitlines()[0].split()
+    total = next(line for line in out.splitlines() if line.startswith("total:"))
+    assert f"hours on {device}" in total and f"measured on {device}" in out
+
+
+def test_the_newest_results_file_is_the_one_measured_last_not_the_last_touched(tmp_path):
+    """A fresh clone gives every results file the same modification time: the recorded date decides."""
+    import os
+
+    from cxr_fast.study_plan import newest_results
+
+    older = throughput_file(tmp_path / "b-older.json", {"resnet50": 1.0})
+    newer = throughput_file(tmp_path / "a-newer.json", {"resnet50": 2.0})
+    for path, date in ((older, "2026-11-25T19:05:43+00:00"), (newer, "2026-12-02T23:44:47+00:00")):
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"date": date}))
+    os.utime(newer, (1_000_000, 1_000_000))  # touched before the older measurement
+    assert newest_results(tmp_path) == newer
+    assert newest_results(tmp_path, device="NVIDIA H100") is None  # CPU measurements only

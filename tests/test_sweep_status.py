@@ -122,3 +122,22 @@ def test_status_imports_no_torch(study):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1].startswith("total: 114 recipes (114 not started)")
+
+
+def test_status_judges_a_run_by_its_own_settings_unless_asked(tmp_path, capsys):
+    """A run trained with epochs=2 is finished 2/2, whatever the recipe's default epochs (30) or
+    an epochs= given to --status; --as-requested judges it against the given settings."""
+    fabricate(tmp_path, f"effusion_{ARCH}", epochs_done=2, finished=True)
+    status = tmp_path / "weights" / f"effusion_{ARCH}" / "status.json"
+    status.write_text(json.dumps(json.loads(status.read_text()) | {"epochs": 2}))
+    place = [f"weights_dir={tmp_path / 'weights'}", f"runs_dir={tmp_path / 'runs'}"]
+
+    def row(*extra: str) -> dict:
+        assert sweep.main(["--status", "--json", "--tasks", "effusion", "--archs", ARCH, *place, *extra]) == 0
+        return json.loads(capsys.readouterr().out)["recipes"][0]
+
+    for given in ([], ["epochs=1"], ["epochs=30"]):
+        assert (row(*given)["state"], row(*given)["epochs_done"], row(*given)["epochs"]) == ("finished", 2, 2), given
+    asked = row("--as-requested", "epochs=6")
+    assert (asked["state"], asked["epochs"]) == ("interrupted", 6)
+    assert row("--as-requested", "epochs=2")["state"] == "finished"

@@ -19,7 +19,6 @@ from cxr_fast.errors import CxrError
 from cxr_fast.recipes import load_config
 from cxr_fast.train import NonFiniteLoss, main, train
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "effusion_test_resnet"
 
 
@@ -28,6 +27,14 @@ def small(shard_folder: Path, out: Path, **overrides) -> list[str]:
                 "epochs": 1, "logger": "none", "loader": "resident", "seed": 0, "max_steps_per_epoch": 2}
     settings.update(overrides)
     return [f"{key}={value}" for key, value in settings.items()]
+
+
+def unread_shards(folder: Path) -> Path:
+    """A shards folder that passes the run's input check (a manifest.parquet) for tests that
+    stop before any data is read."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.parquet").write_bytes(b"never read")
+    return folder
 
 
 def no_data(*args, **kwargs):
@@ -47,7 +54,7 @@ class Planted:
 @pytest.mark.parametrize("form", ["torch zip", "plain pickle"])
 def test_a_crafted_checkpoint_runs_no_code_and_is_one_line(tmp_path, monkeypatch, form):
     monkeypatch.setattr("cxr_fast.train.load_task_data", no_data)
-    config = load_config(RECIPE, small(tmp_path / "shards", tmp_path))
+    config = load_config(RECIPE, small(unread_shards(tmp_path / "shards"), tmp_path))
     last = config.weights_path / "last.pt"
     last.parent.mkdir(parents=True)
     marker = tmp_path / "marker"
@@ -66,7 +73,7 @@ def test_a_crafted_checkpoint_runs_no_code_and_is_one_line(tmp_path, monkeypatch
                                      "progress": {}, "rng": {}, "config": {}}])
 def test_a_foreign_checkpoint_is_one_line_naming_the_file(tmp_path, monkeypatch, content):
     monkeypatch.setattr("cxr_fast.train.load_task_data", no_data)
-    config = load_config(RECIPE, small(tmp_path / "shards", tmp_path))
+    config = load_config(RECIPE, small(unread_shards(tmp_path / "shards"), tmp_path))
     last = config.weights_path / "last.pt"
     last.parent.mkdir(parents=True)
     torch.save(content, last)
@@ -100,9 +107,12 @@ def test_changed_settings_are_refused_and_raised_epochs_continue(phantom_shards,
 
     assert is_finished(load_config(RECIPE, small(phantom_shards, tmp_path, loader="auto")))
     assert not is_finished(load_config(RECIPE, small(phantom_shards, tmp_path, lr=0.01)))
-    for key, value in (("lr", 0.01), ("shards", tmp_path / "other"), ("image_size", 48)):
+    for key, value in (("lr", 0.01), ("image_size", 48)):
         with pytest.raises(CxrError, match=f"other settings \\({key} .*restart=true"):
             train(load_config(RECIPE, small(phantom_shards, tmp_path, **{key: value})), progress_bar=False)
+    # Its own inputs first: missing shards are named as missing, not as other settings.
+    with pytest.raises(CxrError, match="other: no shards found"):
+        train(load_config(RECIPE, small(tmp_path / "other", tmp_path)), progress_bar=False)
     # status.json gone (a kill before it was written): the checkpoint's settings are checked.
     (folder / "status.json").unlink()
     with pytest.raises(CxrError, match=f"{folder / 'last.pt'}: .*other settings \\(lr "):
@@ -117,6 +127,32 @@ def test_changed_settings_are_refused_and_raised_epochs_continue(phantom_shards,
     assert json.loads((folder / "best.json").read_text())["config"]["lr"] == 0.01
     lines = (tmp_path / "runs" / RECIPE / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1]
+
+
+def test_a_run_is_its_data_not_the_listing_of_candidates(phantom_shards, tmp_path, capsys):
+    """The README's train (default listing) then the demo's sweep (one folder): same data, same run."""
+    import shutil
+
+    import pandas as pd
+
+    from cxr_fast.sweep import is_finished
+
+    train(load_config(RECIPE, small(phantom_shards, tmp_path)), progress_bar=False)
+    listing = f"{phantom_shards},{tmp_path / 'absent-448'}"
+    assert is_finished(load_config(RECIPE, small(listing, tmp_path)))
+    more = train(load_config(RECIPE, small(listing, tmp_path, epochs=2)), progress_bar=False)
+    assert [record["epoch"] for record in more["history"]] == [1, 2]
+    assert "resuming after epoch 1" in capsys.readouterr().out  # resumed, not refused
+    status = json.loads((tmp_path / "weights" / RECIPE / "status.json").read_text())
+    assert status["data"]["shards_dir"] == str(phantom_shards) and status["config"]["shards"] == listing
+
+    copy = shutil.copytree(phantom_shards, tmp_path / "copy")  # the same data elsewhere: the same run
+    assert is_finished(load_config(RECIPE, small(copy, tmp_path, epochs=2)))
+    manifest = pd.read_parquet(copy / "manifest.parquet")
+    manifest.iloc[1:].to_parquet(copy / "manifest.parquet")   # other data in the same folder: another run
+    assert not is_finished(load_config(RECIPE, small(copy, tmp_path, epochs=2)))
+    with pytest.raises(CxrError, match=rf"other settings \(data '{phantom_shards} \(digest \w{{8}}\)' -> '{copy} \(digest"):
+        train(load_config(RECIPE, small(copy, tmp_path, epochs=3)), progress_bar=False)
 
 
 def test_a_pretrained_file_of_another_architecture_is_refused(tmp_path):
@@ -181,7 +217,7 @@ def test_settings_may_follow_flags(capsys, tmp_path):
 
 
 def _python(code: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             env=dict(os.environ, WANDB_MODE="disabled"))
 
 
@@ -193,7 +229,7 @@ def test_a_second_run_of_a_recipe_exits_at_once_naming_the_holder(phantom_shards
     try:
         assert holder.stdout.readline().strip() == "held"
         done = subprocess.run([sys.executable, "-m", "cxr_fast.train", "--recipe", RECIPE, "--no-progress",
-                               *small(phantom_shards, tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                               *small(phantom_shards, tmp_path)], capture_output=True, text=True,
                               env=dict(os.environ, WANDB_MODE="disabled"), timeout=300)
     finally:
         holder.kill()
@@ -209,7 +245,7 @@ def test_sigterm_stops_the_sweep_and_its_running_training(phantom_shards, tmp_pa
 
     settings = small(phantom_shards, tmp_path, epochs=100000, max_steps_per_epoch=1)
     sweep = subprocess.Popen([sys.executable, "-m", "cxr_fast.sweep", "--tasks", "effusion", "--archs", "test_resnet",
-                              "--logs", str(tmp_path / "logs"), *settings], cwd=ROOT, stdout=subprocess.PIPE,
+                              "--logs", str(tmp_path / "logs"), *settings], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env=dict(os.environ, WANDB_MODE="disabled"))
     folder = tmp_path / "weights" / RECIPE
     try:
@@ -251,25 +287,27 @@ def test_every_rank_follows_the_main_process_on_a_restart(tmp_path, monkeypatch)
     config = load_config(RECIPE, small(tmp_path / "shards", tmp_path, lr=0.01, restart="true"))
     monkeypatch.setattr(training, "main_process_decides_object", lambda value, accelerator: ("discard", None))
     helper = FakeRanks(main=False)
-    training.start_same_run(config, helper)  # nothing on disk any more
+    training.start_same_run(config, helper, data={})  # nothing on disk any more
     assert helper.barriers == 1
     monkeypatch.setattr(training, "main_process_decides_object", lambda value, accelerator: ("refuse", "saved: other"))
     with pytest.raises(CxrError, match="saved: other"):
-        training.start_same_run(config, FakeRanks(main=False))
+        training.start_same_run(config, FakeRanks(main=False), data={})
 
 
 def test_the_main_process_decides_from_what_is_saved(phantom_shards, tmp_path):
+    from cxr_fast.shard_folders import data_identity
     from cxr_fast.train import same_run_decision
 
+    data = data_identity(phantom_shards)
     first = load_config(RECIPE, small(phantom_shards, tmp_path))
-    assert same_run_decision(first) == ("continue", None)
+    assert same_run_decision(first, data) == ("continue", None)
     train(first, progress_bar=False)
-    assert same_run_decision(load_config(RECIPE, small(phantom_shards, tmp_path, epochs=3))) == ("continue", None)
-    action, reason = same_run_decision(load_config(RECIPE, small(phantom_shards, tmp_path, lr=0.01)))
+    assert same_run_decision(load_config(RECIPE, small(phantom_shards, tmp_path, epochs=3)), data) == ("continue", None)
+    action, reason = same_run_decision(load_config(RECIPE, small(phantom_shards, tmp_path, lr=0.01)), data)
     assert action == "refuse" and "other settings (lr " in reason and "\n" not in reason
-    assert same_run_decision(load_config(RECIPE, small(phantom_shards, tmp_path, lr=0.01, restart="true"))) == \
+    assert same_run_decision(load_config(RECIPE, small(phantom_shards, tmp_path, lr=0.01, restart="true")), data) == \
         ("discard", None)
     (first.weights_path / "status.json").unlink()
     (first.weights_path / "last.pt").write_bytes(b"not a checkpoint")
-    action, reason = same_run_decision(first)
+    action, reason = same_run_decision(first, data)
     assert action == "refuse" and "last.pt" in reason

@@ -18,7 +18,6 @@ from cxr_fast.recipes import load_config
 from cxr_fast.schema import STATUS_FIELDS
 from cxr_fast.train import NonFiniteLoss, main, train
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "effusion_test_resnet"
 
 
@@ -155,20 +154,64 @@ def test_gradient_accumulation_takes_one_step_per_group(phantom_shards, tmp_path
 ])
 @pytest.mark.slow
 def test_cli_errors_are_one_line_and_exit_2(args, message):
-    done = subprocess.run([sys.executable, "-m", "cxr_fast.train", *args], cwd=ROOT, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "cxr_fast.train", *args], capture_output=True, text=True,
                           env=dict(os.environ, WANDB_MODE="disabled"))
     assert done.returncode == 2
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
-def test_unreachable_hub_fails_the_run_with_the_way_out(phantom_shards, tmp_path):
-    env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
+@pytest.mark.parametrize("offline", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["HF_HUB_OFFLINE", "unreachable endpoint"])
+def test_unreachable_hub_fails_the_run_at_once_with_the_way_out(phantom_shards, tmp_path, offline):
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")}
+    env |= {"WANDB_MODE": "disabled", "HF_HUB_CACHE": str(tmp_path / "hub-cache"), **offline}
     args = small(phantom_shards, tmp_path, epochs=1, image_size=64, batch_size=8)
     done = subprocess.run([sys.executable, "-m", "cxr_fast.train", "--recipe", "effusion_resnet50", *args],
-                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 2
-    assert "pretrained weights could not be loaded" in done.stderr and "pretrained=false" in done.stderr
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr  # no retries logged
+    assert "not in the local cache and the Hugging Face hub cannot be reached" in done.stderr
+    assert "pretrained=false" in done.stderr
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch):
+    """huggingface_hub aimed at a closed local port with an empty cache; counts the probes."""
+    from huggingface_hub import constants
+
+    from cxr_fast import hub
+
+    probes = []
+    real_probe = hub._probe
+    monkeypatch.setattr(hub, "_OFFLINE", {})
+    monkeypatch.setattr(hub, "_probe", lambda: probes.append(1) or real_probe())
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test: offline mode sets it
+    return probes
+
+
+@pytest.mark.parametrize("mode", [["--in-process"], []], ids=["in-process", "subprocess"])
+def test_an_offline_sweep_asks_the_hub_once_and_fails_each_pretrained_run_at_once(
+        phantom_shards, tmp_path, monkeypatch, capsys, unreachable_hub, mode):
+    from cxr_fast import sweep
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the run went on to decode its data")
+
+    monkeypatch.setattr("cxr_fast.train.load_task_data", no_data)
+    settings = [f"shards={phantom_shards}", f"weights_dir={tmp_path / 'weights'}", f"runs_dir={tmp_path / 'runs'}",
+                "logger=none", "image_size=64"]
+    with pytest.raises(CxrError, match="2 of 2 recipes failed; see the FAILED lines above"):
+        sweep.main(["--tasks", "effusion,edema", "--archs", "resnet50", "--logs", str(tmp_path / "logs"),
+                    *mode, *settings])
+    out = capsys.readouterr().out
+    assert "the Hugging Face hub cannot be reached (http://127.0.0.1:9 unreachable" in out
+    failed = [line.partition(": ")[2] for line in out.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 2 and failed[0] == failed[1] and failed[0].startswith("resnet50.a1_in1k: pretrained weights")
+    assert len(unreachable_hub) == 1 and os.environ["HF_HUB_OFFLINE"] == "1"  # inherited by the runs it starts
+    assert not list(tmp_path.glob("logs/*.log"))  # no run was started to find that out
 
 
 def test_the_original_cli_form_and_list(capsys):
@@ -187,7 +230,7 @@ def test_two_identical_runs_write_byte_identical_best_weights(phantom_shards, tm
     for name in ("first", "second"):
         done = subprocess.run([sys.executable, "-m", "cxr_fast.train", "--recipe", RECIPE, "--no-progress",
                                *small(phantom_shards, tmp_path / name, epochs=1, deterministic="true", decode_threads=1)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+                              cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
     first, second = (tmp_path / name / "weights" / RECIPE / "best.safetensors" for name in ("first", "second"))
     assert first.read_bytes() == second.read_bytes()
@@ -222,3 +265,24 @@ def test_the_logged_training_loss_is_the_mean_over_ranks():
     ranks = SimpleNamespace(num_processes=2, reduce=lambda value, reduction: calls.append(reduction) or value * 0 + 3.0)
     assert mean_over_ranks(torch.tensor(1.0), ranks) == 3.0 and calls == ["mean"]
     assert mean_over_ranks(torch.tensor(1.0), SimpleNamespace(num_processes=1)) == 1.0
+
+
+def test_list_takes_a_pattern_over_every_recipe_and_the_error_says_so(capsys):
+    assert main(["--list", "*test*"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert RECIPE in listed and "edema_test_vit" in listed and len(listed) == 6 * 4
+    assert main(["--list", "effusion_*"]) == 0
+    assert "effusion_test_resnet" in capsys.readouterr().out.split()
+    with pytest.raises(CxrError, match=r"--list nothing\*: no recipe matches"):
+        main(["--list", "nothing*"])
+    with pytest.raises(CxrError, match=r"--list PATTERN. searches every recipe, the CPU-sized test_\* ones too"):
+        main(["--recipe", "effusion_resnet5"])
+
+
+def test_print_config_shows_what_the_run_uses(capsys):
+    assert main(["--recipe", "effusion_resnet50", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["image_size"], printed["batch_size"]) == (224, 256)  # the arch's, not 0
+    assert main(["--recipe", "effusion_resnet50", "--print-config", "image_size=128", "batch_size=8"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["image_size"], printed["batch_size"]) == (128, 8)

@@ -148,8 +148,9 @@ def fit_rows(task: str, error: str, model: str, images: ClassImages, wrong: np.n
             "model": model, "n_fitted": int(keep.sum())}
     estimates, fit_note = _fit_without_separation(design, wrong[keep], images.clusters[keep],
                                                   images.patterns[keep], level=level)
-    members = np.array(list(design.terms.values()))
-    group_wrong = members @ wrong.astype(np.int64) if members.size else np.zeros(0, np.int64)
+    # (terms x images); no term at all when every attribute has one level among these images
+    members = np.array(list(design.terms.values()), dtype=bool).reshape(len(design.terms), wrong.size)
+    group_wrong = members @ wrong.astype(np.int64)
     group_size = members.sum(axis=1)
     n_wrong = int(wrong.sum())
     rows = []

@@ -11,7 +11,7 @@ import cxr_fast.bench
 from cxr_fast.bench.data import LOADERS, WORKDIR, bench_data
 from cxr_fast.bench.gpu_check import PARTS, GpuCheckResult, gpu_check
 from cxr_fast.bench.machine import command_line
-from cxr_fast.bench.records import Record
+from cxr_fast.bench.records import Record, TrainResult
 from cxr_fast.bench.report import MARKDOWN
 from cxr_fast.bench.resume import kill_and_resume
 from cxr_fast.bench.suite import RESULTS_DIR, run_suite
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: wrote {args.json}", file=sys.stderr)
     if isinstance(result, GpuCheckResult) and any(part.status == "failed" for part in result.parts.values()):
         return 1
+    if isinstance(result, TrainResult) and result.stopped:
+        return 130  # stopped by a signal: what was measured is kept above, the run is still not whole
     return 0
 
 

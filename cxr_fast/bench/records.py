@@ -178,6 +178,7 @@ class TrainResult(Record):
     efficiency: float | None = absent()
     efficiency_of_medians: float | None = absent()
     max_memory_gib: float | None = absent()
+    stopped: str | None = absent()  # stopped by a signal: the rates are those of the blocks timed before it
     kind: str = "train"
 
     @property

@@ -4,6 +4,8 @@ the two are timed in alternating blocks so drift on a shared machine hits both a
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import statistics
 import sys
 import time
@@ -55,6 +57,7 @@ def bench_train(*, arch: str, loader: str = "resident", image_size: int = 0, bat
     torch.manual_seed(0)
     configure_backends(config, device)
 
+    say(f"{arch} at {settings.image_size} px, batch {batch_size} on {device}: building the model")
     model, optimizer = prepare_model(config, accelerator, settings.image_size)
     forward = compile_model(model, config, device)
     model.train()
@@ -73,6 +76,7 @@ def bench_train(*, arch: str, loader: str = "resident", image_size: int = 0, bat
     setup_seconds = None
     if real:
         started = time.perf_counter()
+        say(f"decoding the train split of {shards} for the {loader} loader")
         train_data, _val = load_task_data(config)
         loader_used = choose_loader(config.loader, n_images=len(train_data.rows), settings=settings,
                                     budget_bytes=lambda: loader_budget_bytes(model, config, accelerator, settings.image_size))
@@ -93,6 +97,7 @@ def bench_train(*, arch: str, loader: str = "resident", image_size: int = 0, bat
         streams = {"real": lambda: step(*next(real_batches)), **streams}
 
     # Warm-up (compilation, allocator, cuDNN autotuning, worker start), then alternating timed blocks.
+    say(f"warm-up: {warmup} steps per stream ({', '.join(streams)})" + (", compiling" if compile else ""))
     last = None
     for run_step in streams.values():
         for _ in range(warmup):
@@ -102,10 +107,22 @@ def bench_train(*, arch: str, loader: str = "resident", image_size: int = 0, bat
         raise CxrError(f"bench: the loss is not finite for {arch} at {accelerator.mixed_precision} precision; "
                        "fp32 precision avoids overflow")
     values: dict[str, list[float]] = {name: [] for name in streams}
-    for _ in range(repeats):
-        for name, run_step in streams.items():
-            elapsed = timed(lambda: [run_step() for _ in range(steps)], device)
-            values[name].append(steps * batch_size / elapsed)
+    stopped = None
+    with signals_as_interrupt():
+        try:
+            for block in range(repeats):
+                for name, run_step in streams.items():
+                    elapsed = timed(lambda: [run_step() for _ in range(steps)], device)
+                    values[name].append(steps * batch_size / elapsed)
+                say(f"block {block + 1}/{repeats} ({steps} steps each): "
+                    + ", ".join(f"{name} {rates[-1]:.0f} img/s" for name, rates in values.items()))
+        except KeyboardInterrupt:
+            complete = min(len(rates) for rates in values.values())  # blocks every stream has
+            if not complete:
+                raise  # nothing measured to keep
+            values = {name: rates[:complete] for name, rates in values.items()}
+            stopped = f"stopped after {complete} of {repeats} blocks"
+            say(f"{stopped}: keeping what was measured")
 
     result = TrainResult(
         command=command_line(argv), date=now(), machine=machine_info(),
@@ -116,6 +133,7 @@ def bench_train(*, arch: str, loader: str = "resident", image_size: int = 0, bat
                                shards=str(shards) if real else None),
         setup_seconds=setup_seconds,
         synthetic=Throughput(spread(values["synthetic"])),
+        stopped=stopped,
     )
     if real:
         result.real = Throughput(spread(values["real"]))
@@ -130,10 +148,35 @@ def bench_train(*, arch: str, loader: str = "resident", image_size: int = 0, bat
     return result
 
 
+def say(text: str) -> None:
+    """Progress on stderr: a CPU run of a GPU-sized setting takes minutes before its first number."""
+    print(f"bench train: {text}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def signals_as_interrupt():
+    """SIGTERM (a scheduler's or `timeout`'s stop) handled like Ctrl-C while the blocks are timed,
+    so the blocks already measured are kept either way."""
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _report(result: TrainResult) -> None:
     s = result.settings
     line = (f"bench train {s.arch} {s.image_size}px b{s.batch_size}: "
             f"synthetic {result.synthetic.images_per_second.median:.0f} img/s")
     if result.real is not None:
         line += f", {s.loader_used} {result.real.images_per_second.median:.0f} img/s, efficiency {result.efficiency:.2f}"
+    if result.stopped:
+        line += f" ({result.stopped})"
     print(line, file=sys.stderr, flush=True)

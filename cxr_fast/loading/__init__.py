@@ -68,14 +68,12 @@ def available_host_bytes() -> int:
 
 def with_shards_resolved(config):
     """`config` with `shards` narrowed to the one listed folder that serves its load size
-    (payloads.resolve_shards): train, predict and bench read the same folder for the same recipe."""
+    (shard_folders.resolve_shards): train, predict and bench read the same folder for the same recipe."""
     import dataclasses
 
-    from cxr_fast.loading.augment import AugmentSettings
-    from cxr_fast.loading.payloads import resolve_shards
+    from cxr_fast.shard_folders import resolve_shards
 
-    load_size = AugmentSettings.from_config(config).load_size
-    return dataclasses.replace(config, shards=str(resolve_shards(config.shards, load_size)))
+    return dataclasses.replace(config, shards=str(resolve_shards(config.shards, config.resolved_load_size)))
 
 
 TRAINING_STATE_COPIES = 3  # gradients + AdamW's two moments, each as large as the parameters

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxr_fast.recipes import Augmentation, Config
+from cxr_fast.recipes import Augmentation, Config, load_size
 
 # ImageNet statistics averaged over RGB: pretrained stems summed to one channel expect them.
 MEAN = 0.449
@@ -40,7 +40,7 @@ class AugmentSettings(Augmentation):
     @property
     def load_size(self) -> int:
         """Side of the square each image is stored at on the device."""
-        return max(self.image_size, round(self.image_size / self.eval_crop))
+        return load_size(self.image_size, self.eval_crop)
 
     @classmethod
     def from_config(cls, config: Config) -> "AugmentSettings":

@@ -7,7 +7,6 @@ hence train and predict), checks each image's bytes against the manifest's crc32
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -18,38 +17,6 @@ from cxr_fast.data.integrity import member_checksum, member_mismatch
 from cxr_fast.errors import CxrError
 from cxr_fast.io import read_table
 from cxr_fast.schema import CHECKSUM_COLUMN, MANIFEST_COLUMNS, MANIFEST_FILE
-
-
-def stored_size(folder: Path) -> int | None:
-    """Short side of the JPEGs in a shard folder, px (tools/shard_dataset.py --size), from its meta.json."""
-    for path, read in ((folder / "meta.json", lambda data: data["arguments"]["size"]),
-                       (folder / ".parts" / "plan.json", lambda data: data["size"])):
-        try:
-            return int(read(json.loads(path.read_text())))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
-
-
-def resolve_shards(listed: str | os.PathLike, load_size: int) -> Path:
-    """The shard folder a run reads: of the comma-separated folders in `listed` (one cohort
-    sharded at several sizes), the smallest whose stored size is at least `load_size`, so no
-    run trains on upsampled images and none decodes more pixels than it uses. Listed folders
-    that do not exist are passed over; a folder of unknown size counts as large enough."""
-    folders = [Path(item.strip()) for item in str(listed).split(",") if item.strip()]
-    present = [folder for folder in folders if (folder / "manifest.parquet").is_file()]
-    if not present:
-        shown = ", ".join(str(folder) for folder in folders) or "(none)"
-        raise CxrError(f"{shown}: no shards found (no manifest.parquet); build them first "
-                       "(make shards, or tools/shard_dataset.py)")
-    sizes = {folder: stored_size(folder) for folder in present}
-    large_enough = [folder for folder in present if sizes[folder] is None or sizes[folder] >= load_size]
-    if not large_enough:
-        largest = max(present, key=lambda folder: sizes[folder])
-        raise CxrError(f"{largest}: images stored at {sizes[largest]} px, but this recipe loads {load_size} px; "
-                       f"shard at --size {load_size} or more (tools/shard_dataset.py ... --out {largest}-{load_size} "
-                       f"--size {load_size}) and list it in shards= (comma-separated)")
-    return min(large_enough, key=lambda folder: sizes[folder] or 0)
 
 
 def read_manifest(shards_dir: str | os.PathLike) -> pd.DataFrame:
