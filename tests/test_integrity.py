@@ -22,6 +22,7 @@ from cxr_fast.errors import CxrError
 from cxr_fast.loading import make_loader
 from cxr_fast.loading.augment import AugmentSettings
 from cxr_fast.loading.resident import ResidentLoader
+from cxr_fast.schema import DECODED_CACHE_FOLDER
 from conftest import shard_arguments
 from test_shards import digest_tree
 
@@ -31,8 +32,10 @@ SETTINGS = AugmentSettings(image_size=64)
 
 @pytest.fixture()
 def copied_shards(phantom_shards, tmp_path) -> Path:
+    """The shared phantom shards as a fresh folder: without the decoded cache other tests built
+    from them (a cache decoded from the good bytes is the right data, so it is not re-read)."""
     out = tmp_path / "shards"
-    shutil.copytree(phantom_shards, out)
+    shutil.copytree(phantom_shards, out, ignore=shutil.ignore_patterns(DECODED_CACHE_FOLDER))
     return out
 
 
