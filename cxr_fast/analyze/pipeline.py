@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from cxr_fast.analyze.adjusted import adjusted_table
+from cxr_fast.analyze.bootstrap import MIN_INFORMATIVE
 from cxr_fast.analyze.consistency import consistency_frame, task_consistency
 from cxr_fast.analyze.inputs import TaskData, load_predictions, task_data
 from cxr_fast.analyze.performance import FLAG_METRICS, flag_subgroups, model_rows, subgroup_rows
@@ -63,7 +64,9 @@ DEFINITIONS = {
         "One Benjamini-Hochberg family for the whole subgroup table: every gap-to-overall test of "
         f"{', '.join(FLAG_METRICS)} over all tasks, models, attributes (sex, age_group, race, view, "
         "sex x race, sex x age_group) and groups with >= min_count positives and >= min_count negatives. "
-        "Test: one-sided (H0: the group is served no worse than overall), z = gap / bootstrap standard error "
+        "and a reliable interval (ci_reliable). "
+        "Test: one-sided (H0: the group is served no worse than overall), z = gap / bootstrap standard error, "
+        "referred to Student's t on the group's informative patients, the expanded CI's scale "
         "(p_harm); p_gap_overall is the two-sided version, matching the CI. Flagged = q_value <= fdr, i.e. "
         "FNR/FPR significantly higher or balanced accuracy/AUROC significantly lower than overall."
     ),
@@ -76,7 +79,12 @@ DEFINITIONS = {
     "bootstrap": (
         "Patient-level cluster bootstrap: subjects resampled with replacement, one resample matrix per task "
         "(seeded by seed and task name), shared by all models, groups and pairs of the task (paired CIs). "
-        "95% percentile intervals over resamples where the statistic is defined (NaN if under half are)."
+        "95% expanded percentile intervals over resamples where the statistic is defined (NaN if under half are): "
+        "the percentile interval at the levels Phi(-/+ sqrt(n/(n-1)) t_{n-1, 0.975}), n = the patients the "
+        "statistic rests on (n_informative: with a positive image for sensitivity/FNR, a negative one for "
+        "specificity/FPR, the fewer of the two for AUROC and balanced accuracy, a predicted positive/negative "
+        "for PPV/NPV, an image some model gets wrong for kappa; a gap uses its group's). ci_reliable is False "
+        f"below {MIN_INFORMATIVE} such patients: there no interval keeps its coverage (cxr_fast.analyze.coverage_bench)."
     ),
     "kappa": (
         "Error consistency: Cohen's kappa of two models' correct/incorrect vectors, "

@@ -28,7 +28,7 @@ from cxr_fast.analyze.bootstrap import subject_weights
 from cxr_fast.analyze.groups import iter_groups
 from cxr_fast.analyze.inputs import TaskData, task_data
 from cxr_fast.analyze.parallel import workers
-from cxr_fast.metrics import metrics_from_confusion
+from cxr_fast.metrics import METRICS, metrics_from_confusion
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class Tallies:
     true_positives: np.ndarray   # (M, S, 1 + R)
     false_positives: np.ndarray  # (M, S, 1 + R)
     agreeing: np.ndarray         # (S, 1 + R, P): both right or both wrong, per model pair (pairs() order)
+    patients: dict[str, np.ndarray]  # patients in each scope who carry a metric (informative_patients)
 
     @property
     def correct(self) -> np.ndarray:
@@ -69,7 +70,7 @@ class Resampled:
         data, n_models = self.data, len(self.data.archs)
         first, second = pairs(n_models)
         weights = self.weights.astype(np.float32)
-        per_scope = []
+        per_scope, patients = [], []
         for positions in self.scopes:
             label, pred = data.label[positions], data.pred[:, positions]
             correct = pred == label
@@ -78,12 +79,48 @@ class Resampled:
             indicators[:, 2:2 + n_models] = (label & pred).T
             indicators[:, 2 + n_models:2 + 2 * n_models] = (~label & pred).T
             indicators[:, 2 + 2 * n_models:] = (correct[first] == correct[second]).T
-            per_scope.append(scope_sums(weights, data.subject_index, positions, indicators))
+            subjects, by_subject = subject_sums(data.subject_index, positions, indicators)
+            per_scope.append(weighted_sums(weights, subjects, by_subject))
+            patients.append(_patients_carrying(by_subject, n_models))
         sums = np.stack(per_scope)  # (S, 1 + R, Q)
         return Tallies(positives=sums[:, :, 0], negatives=sums[:, :, 1],
                        true_positives=np.moveaxis(sums[:, :, 2:2 + n_models], 2, 0),
                        false_positives=np.moveaxis(sums[:, :, 2 + n_models:2 + 2 * n_models], 2, 0),
-                       agreeing=sums[:, :, 2 + 2 * n_models:])
+                       agreeing=sums[:, :, 2 + 2 * n_models:],
+                       patients={name: np.stack([counts[name] for counts in patients], axis=-1) for name in patients[0]})
+
+
+def _patients_carrying(by_subject: np.ndarray, n_models: int) -> dict[str, np.ndarray]:
+    """From one scope's per-patient sums (label, ~label, TP per model, FP per model, ...): how
+    many patients have a positive image, a negative one, a predicted positive / negative per
+    model, an image some model gets wrong. These are the clusters each metric rests on."""
+    positive, negative = by_subject[:, 0], by_subject[:, 1]
+    tp, fp = by_subject[:, 2:2 + n_models], by_subject[:, 2 + n_models:2 + 2 * n_models]
+    predicted_positive = tp + fp
+    wrong = (positive[:, None] - tp) + fp  # FN + FP per model and patient
+    return {"all": np.array(by_subject.shape[0]), "positive": (positive > 0).sum(), "negative": (negative > 0).sum(),
+            "predicted_positive": (predicted_positive > 0).sum(axis=0),
+            "predicted_negative": ((positive + negative)[:, None] - predicted_positive > 0).sum(axis=0),
+            "erring": (wrong > 0).any(axis=1).sum()}
+
+
+def informative_patients(tallies: Tallies) -> np.ndarray:
+    """(M, S, K) for every model, scope and METRIC the number of patients it rests on: the
+    patients with a positive image for sensitivity/FNR, with a negative one for
+    specificity/FPR, the fewer of the two for AUROC and balanced accuracy, with a predicted
+    positive (negative) for PPV (NPV), everybody for prevalence. The expanded interval's
+    degrees of freedom and the reliability rule (bootstrap.expanded_interval) use it."""
+    patients = tallies.patients
+    n_models = patients["predicted_positive"].shape[0]
+    per_scope = {"all": patients["all"], "positive": patients["positive"], "negative": patients["negative"],
+                 "both": np.minimum(patients["positive"], patients["negative"])}
+    per_model = {"predicted_positive": patients["predicted_positive"], "predicted_negative": patients["predicted_negative"]}
+    carriers = {"prevalence": "all", "auroc": "both", "balanced_accuracy": "both", "sensitivity": "positive",
+                "specificity": "negative", "ppv": "predicted_positive", "npv": "predicted_negative",
+                "fnr": "positive", "fpr": "negative"}
+    columns = [per_model[carriers[name]] if carriers[name] in per_model
+               else np.broadcast_to(per_scope[carriers[name]], (n_models, per_scope["all"].size)) for name in METRICS]
+    return np.stack(columns, axis=-1)
 
 
 def pairs(n_models: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,12 +145,22 @@ def resample(data: TaskData, *, n_bootstrap: int, seed: int) -> Resampled:
 def scope_sums(weights: np.ndarray, subject_index: np.ndarray, positions: np.ndarray, indicators: np.ndarray) -> np.ndarray:
     """(1 + R, Q) weighted sums over the images at `positions` of the (len(positions), Q)
     0/1 (or small integer) `indicators`: per-subject sums, then one float32 product."""
+    return weighted_sums(weights, *subject_sums(subject_index, positions, indicators))
+
+
+def subject_sums(subject_index: np.ndarray, positions: np.ndarray, indicators: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The subjects of the images at `positions` and the (subjects, Q) sums of their indicators."""
     subjects, inverse = np.unique(subject_index[positions], return_inverse=True)
     by_subject = sparse.csr_matrix((np.ones(positions.size, np.float32), (inverse, np.arange(positions.size))),
                                    shape=(subjects.size, positions.size)) @ indicators.astype(np.float32, copy=False)
+    return subjects, np.asarray(by_subject)
+
+
+def weighted_sums(weights: np.ndarray, subjects: np.ndarray, by_subject: np.ndarray) -> np.ndarray:
+    """(1 + R, Q): the subjects' weights in every resample times their per-subject sums."""
     # Every subject (scope 0): the weights as they are, no gathered copy.
     scope_weights = weights if subjects.size == weights.shape[1] else weights[:, subjects]
-    return (scope_weights.astype(np.float32, copy=False) @ np.asarray(by_subject)).astype(np.float64)
+    return (scope_weights.astype(np.float32, copy=False) @ by_subject).astype(np.float64)
 
 
 def metric_values(resampled: Resampled) -> tuple[np.ndarray, np.ndarray]:
