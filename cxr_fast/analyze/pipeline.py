@@ -81,9 +81,11 @@ DEFINITIONS = {
         "(seeded by seed and task name), shared by all models, groups and pairs of the task (paired CIs). "
         "95% expanded percentile intervals over resamples where the statistic is defined (NaN if under half are): "
         "the percentile interval at the levels Phi(-/+ sqrt(n/(n-1)) t_{n-1, 0.975}), n = the patients the "
-        "statistic rests on (n_informative: with a positive image for sensitivity/FNR, a negative one for "
-        "specificity/FPR, the fewer of the two for AUROC and balanced accuracy, a predicted positive/negative "
-        "for PPV/NPV, an image some model gets wrong for kappa; a gap uses its group's). ci_reliable is False "
+        "statistic rests on (n_informative: for a proportion the patients with its rarer outcome, e.g. "
+        "min(patients with a true positive, with a false negative) for sensitivity/FNR, min(TN, FN) for NPV; "
+        "balanced accuracy the fewer of sensitivity's and specificity's; AUROC min(patients with a positive "
+        "image, with a negative one); kappa the patients with an image some model gets wrong; a gap uses its "
+        "group's). ci_reliable is False "
         f"below {MIN_INFORMATIVE} such patients: there no interval keeps its coverage (cxr_fast.analyze.coverage_bench)."
     ),
     "kappa": (
@@ -100,8 +102,9 @@ DEFINITIONS = {
     ),
     "kappa_gap": (
         "Group mean kappa minus the task's overall mean kappa, paired bootstrap CI; one-sided test (H0: models "
-        "agree no more on whom they fail in the group), one Benjamini-Hochberg family over groups with >= "
-        "min_count positives and negatives. Flagged = q <= fdr and gap > 0."
+        "agree no more on whom they fail in the group; z = gap / bootstrap SE on the expanded CI's scale), one "
+        "Benjamini-Hochberg family over groups with >= min_count positives and negatives and a reliable "
+        "interval. Flagged = q <= fdr and gap > 0."
     ),
     "systematic": "An image is systematically misclassified when share of models wrong >= systematic_threshold.",
     "undefined": "AUROC and balanced accuracy are NaN for a group with one class only; PPV/NPV NaN with no predicted positives/negatives.",

@@ -92,35 +92,37 @@ class Resampled:
 
 def _patients_carrying(by_subject: np.ndarray, n_models: int) -> dict[str, np.ndarray]:
     """From one scope's per-patient sums (label, ~label, TP per model, FP per model, ...): how
-    many patients have a positive image, a negative one, a predicted positive / negative per
-    model, an image some model gets wrong. These are the clusters each metric rests on."""
+    many patients have a positive image, a negative one, and per model a true positive, a
+    false negative, a false positive, a true negative, an image some model gets wrong. These
+    are the clusters each metric rests on (informative_patients)."""
     positive, negative = by_subject[:, 0], by_subject[:, 1]
     tp, fp = by_subject[:, 2:2 + n_models], by_subject[:, 2 + n_models:2 + 2 * n_models]
-    predicted_positive = tp + fp
-    wrong = (positive[:, None] - tp) + fp  # FN + FP per model and patient
+    fn, tn = positive[:, None] - tp, negative[:, None] - fp
     return {"all": np.array(by_subject.shape[0]), "positive": (positive > 0).sum(), "negative": (negative > 0).sum(),
-            "predicted_positive": (predicted_positive > 0).sum(axis=0),
-            "predicted_negative": ((positive + negative)[:, None] - predicted_positive > 0).sum(axis=0),
-            "erring": (wrong > 0).any(axis=1).sum()}
+            "tp": (tp > 0).sum(axis=0), "fn": (fn > 0).sum(axis=0), "fp": (fp > 0).sum(axis=0), "tn": (tn > 0).sum(axis=0),
+            "erring": (fn + fp > 0).any(axis=1).sum()}
 
 
 def informative_patients(tallies: Tallies) -> np.ndarray:
-    """(M, S, K) for every model, scope and METRIC the number of patients it rests on: the
-    patients with a positive image for sensitivity/FNR, with a negative one for
-    specificity/FPR, the fewer of the two for AUROC and balanced accuracy, with a predicted
-    positive (negative) for PPV (NPV), everybody for prevalence. The expanded interval's
+    """(M, S, K) for every model, scope and METRIC the number of patients it rests on. A
+    proportion rests on the patients with the rarer of its two outcomes: sensitivity (and
+    FNR) on min(patients with a TP, with an FN), specificity (FPR) on min(TN, FP), PPV on
+    min(TP, FP), NPV on min(TN, FN), prevalence on min(positive, negative); balanced accuracy
+    on the fewer of sensitivity's and specificity's, AUROC on min(patients with a positive
+    image, with a negative one). An NPV of 0.99 from 500 patients rests on the few with a
+    false negative, and its interval must be as wide as they make it. The expanded interval's
     degrees of freedom and the reliability rule (bootstrap.expanded_interval) use it."""
     patients = tallies.patients
-    n_models = patients["predicted_positive"].shape[0]
-    per_scope = {"all": patients["all"], "positive": patients["positive"], "negative": patients["negative"],
-                 "both": np.minimum(patients["positive"], patients["negative"])}
-    per_model = {"predicted_positive": patients["predicted_positive"], "predicted_negative": patients["predicted_negative"]}
-    carriers = {"prevalence": "all", "auroc": "both", "balanced_accuracy": "both", "sensitivity": "positive",
-                "specificity": "negative", "ppv": "predicted_positive", "npv": "predicted_negative",
-                "fnr": "positive", "fpr": "negative"}
-    columns = [per_model[carriers[name]] if carriers[name] in per_model
-               else np.broadcast_to(per_scope[carriers[name]], (n_models, per_scope["all"].size)) for name in METRICS]
-    return np.stack(columns, axis=-1)
+    n_models = patients["tp"].shape[0]
+    per_scope = lambda counts: np.broadcast_to(counts, (n_models, counts.size))  # noqa: E731
+    sensitivity = np.minimum(patients["tp"], patients["fn"])
+    specificity = np.minimum(patients["tn"], patients["fp"])
+    columns = {"prevalence": per_scope(np.minimum(patients["positive"], patients["negative"])),
+               "auroc": per_scope(np.minimum(patients["positive"], patients["negative"])),
+               "balanced_accuracy": np.minimum(sensitivity, specificity), "sensitivity": sensitivity,
+               "specificity": specificity, "ppv": np.minimum(patients["tp"], patients["fp"]),
+               "npv": np.minimum(patients["tn"], patients["fn"]), "fnr": sensitivity, "fpr": specificity}
+    return np.stack([columns[name] for name in METRICS], axis=-1)
 
 
 def pairs(n_models: int) -> tuple[np.ndarray, np.ndarray]:
