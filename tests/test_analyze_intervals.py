@@ -12,7 +12,7 @@ from scipy import stats
 from cxr_fast.analyze import consistency_table, model_table, subgroup_table
 from cxr_fast.analyze.bootstrap import (MIN_INFORMATIVE, expanded_interval, expanded_p_value, expanded_z,
                                         percentile_interval)
-from cxr_fast.analyze.resampled import informative_patients, resampled_tasks
+from cxr_fast.analyze.resampled import gap_informative_patients, informative_patients, resampled_tasks
 from cxr_fast.metrics import METRICS
 from pred_fixtures import simulate_predictions
 
@@ -49,6 +49,7 @@ def predictions() -> pd.DataFrame:
 def test_informative_patients_are_the_patients_with_the_rarer_outcome(predictions):
     (resampled,) = resampled_tasks(predictions=predictions, n_bootstrap=5, seed=0)
     data, counts = resampled.data, informative_patients(resampled.tallies)        # (M, S, K)
+    gap_counts = gap_informative_patients(resampled.tallies)
     for s, positions in enumerate(resampled.scopes):
         subject, label = data.subject_index[positions], data.label[positions]
         patients = lambda rows: np.unique(subject[rows]).size  # noqa: E731
@@ -62,6 +63,8 @@ def test_informative_patients_are_the_patients_with_the_rarer_outcome(prediction
                         "npv": min(tn, fn), "auroc": min(patients(label), patients(~label)),
                         "balanced_accuracy": min(tp, fn, tn, fp)}
             assert dict(zip(METRICS, counts[m, s].tolist())) == expected
+            gap = dict(zip(METRICS, gap_counts[m, s].tolist()))  # a gap: the metric's denominator patients
+            assert (gap["fnr"], gap["fpr"], gap["npv"]) == (patients(label), patients(~label), patients(~pred))
 
 
 def test_intervals_on_too_few_patients_are_marked_unreliable_and_never_tested(predictions):
@@ -69,8 +72,10 @@ def test_intervals_on_too_few_patients_are_marked_unreliable_and_never_tested(pr
     few = table["n_informative"] < MIN_INFORMATIVE
     assert few.any() and (~few).any()
     assert (table["ci_reliable"] == ~few).all()
-    assert not table.loc[few, "tested"].any()
-    assert table.loc[~few & table["metric"].isin(["fnr", "auroc"]) & table["p_harm"].notna(), "tested"].all()
+    few_for_gap = table["gap_n_informative"] < MIN_INFORMATIVE
+    assert few_for_gap.any() and (table["gap_ci_reliable"] == ~few_for_gap).all()
+    assert not table.loc[few_for_gap, "tested"].any()
+    assert table.loc[~few_for_gap & table["metric"].isin(["fnr", "auroc"]) & table["p_harm"].notna(), "tested"].all()
     models = model_table(predictions=predictions, n_bootstrap=60)
     assert (models["ci_reliable"] == (models["n_informative"] >= MIN_INFORMATIVE)).all()
     assert models.loc[models["metric"] == "auroc", "ci_reliable"].all()  # 700 images: AUROC rests on many

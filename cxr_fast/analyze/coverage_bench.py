@@ -35,7 +35,7 @@ from cxr_fast.analyze.bootstrap import expanded_interval, percentile_interval, r
 from cxr_fast.analyze.consistency import kappa_arrays, kappa_from_sums
 from cxr_fast.analyze.inputs import TaskData
 from cxr_fast.analyze.parallel import workers
-from cxr_fast.analyze.resampled import Resampled, informative_patients, metric_values
+from cxr_fast.analyze.resampled import Resampled, gap_informative_patients, informative_patients, metric_values
 from cxr_fast.io import write_json
 from cxr_fast.metrics import METRICS, metric_matrix
 
@@ -105,7 +105,8 @@ def statistics(resampled: Resampled) -> tuple[dict[str, np.ndarray], dict[str, f
                              tallies.agreeing[s])["kappa"][:, 0] for s in (0, 1)]
     values["kappa"], values["gap_kappa"] = kappa[1], kappa[1] - kappa[0]
     patients = {name: float(informative[at[name]]) for name in STATISTICS[:6]}
-    patients |= {"gap_fnr": patients["sensitivity"], "gap_auroc": patients["auroc"],
+    gap_patients = gap_informative_patients(resampled.tallies)[0, 1]
+    patients |= {"gap_fnr": float(gap_patients[at["fnr"]]), "gap_auroc": float(gap_patients[at["auroc"]]),
                  "kappa": float(tallies.patients["erring"][1]), "gap_kappa": float(tallies.patients["erring"][1])}
     return values, patients
 

@@ -14,7 +14,8 @@ import pandas as pd
 
 from cxr_fast.analyze.bootstrap import expanded_interval, expanded_p_value, reliable, wald_z
 from cxr_fast.analyze.inputs import TaskData
-from cxr_fast.analyze.resampled import Resampled, informative_patients, metric_values, resampled_tasks
+from cxr_fast.analyze.resampled import (Resampled, gap_informative_patients, informative_patients, metric_values,
+                                        resampled_tasks)
 from cxr_fast.analyze.stats import benjamini_hochberg
 from cxr_fast.analyze.parallel import blas_single_threaded
 from cxr_fast.metrics import DIRECTION, METRICS, MODEL_METRICS
@@ -53,7 +54,7 @@ def subgroup_table(
     Multiple testing: ONE Benjamini-Hochberg family per table over `p_harm` = every
     gap-to-overall test of a metric in `flag_metrics`, over all tasks, models, attributes and
     groups, restricted to groups with >= min_count positives and >= min_count negatives and a
-    reliable interval (`ci_reliable`; others are reported with `tested` False). Flagged = q_value <= fdr.
+    reliable gap interval (`gap_ci_reliable`; others are reported with `tested` False). Flagged = q_value <= fdr.
     Why one-sided: only harm is a finding to act on, and two-sided p-values of groups doing
     *better* (small groups with a near-zero error rate have a small bootstrap SE) would
     otherwise fill the BH ranking and lower the bar for everything else.
@@ -65,7 +66,7 @@ def subgroup_table(
 
 def flag_subgroups(table: pd.DataFrame, *, fdr: float, flag_metrics: tuple[str, ...] = FLAG_METRICS) -> pd.DataFrame:
     """Add tested / q_value / flagged: one BH family over the whole (all tasks) table."""
-    table["tested"] = (table["eligible"] & table["ci_reliable"] & table["metric"].isin(flag_metrics)
+    table["tested"] = (table["eligible"] & table["gap_ci_reliable"] & table["metric"].isin(flag_metrics)
                        & table["p_harm"].notna())
     table["q_value"] = benjamini_hochberg(table["p_harm"].where(table["tested"]).to_numpy(float))
     table["flagged"] = table["tested"] & (table["q_value"] <= fdr) & (table["direction"] == "worse")
@@ -116,6 +117,7 @@ def subgroup_rows(resampled: Resampled, overall_values: np.ndarray, group_values
     eligible = group_info["eligible"].to_numpy()[:: len(METRICS)]
     attributes = np.array([attribute for attribute, _, _ in groups])
     informative = informative_patients(resampled.tallies)[:, 1:]                         # (M, G, K)
+    gap_informative = gap_informative_patients(resampled.tallies)[:, 1:]                 # (M, G, K)
     frames = []
     for m, (arch, recipe) in enumerate(zip(data.archs, data.recipes)):
         overall, values = overall_values[m], group_values[m]                               # (K, R), (G, K, R)
@@ -124,11 +126,14 @@ def subgroup_rows(resampled: Resampled, overall_values: np.ndarray, group_values
         best_values = np.where((best >= 0)[:, :, None], values[at_best], np.nan)
         # A gap to overall rests on the group's patients (the overall has many more); a gap
         # to best on the fewer of the two groups'.
-        patients = {"value": informative[m], "gap_overall": informative[m],
-                    "gap_best": np.where(best >= 0, np.minimum(informative[m], informative[m][at_best]), informative[m])}
+        group_gap = gap_informative[m]
+        patients = {"value": informative[m], "gap_overall": group_gap,
+                    "gap_best": np.where(best >= 0, np.minimum(group_gap, group_gap[at_best]), group_gap)}
         frame = _rows(values, values - overall[None], values - best_values, patients, level=level)
         frame["n_informative"] = informative[m].ravel()
         frame["ci_reliable"] = reliable(informative[m]).ravel()
+        frame["gap_n_informative"] = group_gap.ravel()
+        frame["gap_ci_reliable"] = reliable(group_gap).ravel()
         frame["overall"] = np.tile(overall[:, 0], len(groups))
         frame["best_group"] = [groups[b][1] if b >= 0 else "" for b in best.ravel()]
         frame["best_value"] = best_values[:, :, 0].ravel()
@@ -142,7 +147,8 @@ def subgroup_rows(resampled: Resampled, overall_values: np.ndarray, group_values
 _SUBGROUP_COLUMNS = [
     "task", "arch", "recipe", "attribute", "group", "n", "n_subjects", "n_pos", "n_neg", "eligible",
     "metric", "value", "ci_low", "ci_high", "n_informative", "ci_reliable", "overall",
-    "gap_overall", "gap_overall_ci_low", "gap_overall_ci_high", "p_gap_overall", "p_harm", "direction",
+    "gap_overall", "gap_overall_ci_low", "gap_overall_ci_high", "gap_n_informative", "gap_ci_reliable",
+    "p_gap_overall", "p_harm", "direction",
     "best_group", "best_value", "gap_best", "gap_best_ci_low", "gap_best_ci_high", "p_gap_best", "note",
 ]
 

@@ -64,7 +64,7 @@ DEFINITIONS = {
         "One Benjamini-Hochberg family for the whole subgroup table: every gap-to-overall test of "
         f"{', '.join(FLAG_METRICS)} over all tasks, models, attributes (sex, age_group, race, view, "
         "sex x race, sex x age_group) and groups with >= min_count positives and >= min_count negatives. "
-        "and a reliable interval (ci_reliable). "
+        "and a reliable gap interval (gap_ci_reliable). "
         "Test: one-sided (H0: the group is served no worse than overall), z = gap / bootstrap standard error, "
         "referred to Student's t on the group's informative patients, the expanded CI's scale "
         "(p_harm); p_gap_overall is the two-sided version, matching the CI. Flagged = q_value <= fdr, i.e. "
@@ -84,8 +84,8 @@ DEFINITIONS = {
         "statistic rests on (n_informative: for a proportion the patients with its rarer outcome, e.g. "
         "min(patients with a true positive, with a false negative) for sensitivity/FNR, min(TN, FN) for NPV; "
         "balanced accuracy the fewer of sensitivity's and specificity's; AUROC min(patients with a positive "
-        "image, with a negative one); kappa the patients with an image some model gets wrong; a gap uses its "
-        "group's). ci_reliable is False "
+        "image, with a negative one); kappa the patients with an image some model gets wrong; a gap its "
+        "group's patients in the metric's denominator, gap_n_informative). ci_reliable / gap_ci_reliable are False "
         f"below {MIN_INFORMATIVE} such patients: there no interval keeps its coverage (cxr_fast.analyze.coverage_bench)."
     ),
     "kappa": (
