@@ -67,11 +67,13 @@ test-fast: setup dirs
 test-slurm: setup dirs
 	WANDB_MODE=disabled $(PY) tools/slurm_test.py
 
-# CPU suite (< 10 min on 2 cores): benchmarks/results/<machine>-<date>.json + the table in BENCHMARKS.md.
+# CPU suite (< 10 min on 2 cores): benchmarks/results/<machine>-<date>.json + the table in BENCHMARKS.md;
+# then the analysis at study size and the intervals' coverage study (their own JSON files there).
 # The phantom it draws (1,024 px sources, 256 px shards) is cached in build/bench/.
 bench: setup dirs
 	WANDB_MODE=disabled $(PY) -m cxr_fast.bench suite
 	$(PY) -m cxr_fast.analyze.scale_bench   # the analysis at study size: time, peak memory, report size
+	$(PY) -m cxr_fast.analyze.coverage_bench   # do the report's 95% intervals cover? (~10 min of CPU on 2 free cores)
 
 ifdef MIMIC_CXR
 shards: setup dirs

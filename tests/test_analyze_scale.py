@@ -71,7 +71,7 @@ def _models_frame(n_models: int) -> pd.DataFrame:
     from cxr_fast.metrics import MODEL_METRICS
 
     return pd.DataFrame([{"task": task, "arch": f"arch{m}", "metric": metric, "value": 0.5 + m / 100, "ci_low": 0.4,
-                          "ci_high": 0.9, "n": 100, "n_subjects": 40, "n_pos": 30, "note": ""}
+                          "ci_high": 0.9, "ci_reliable": True, "n": 100, "n_subjects": 40, "n_pos": 30, "note": ""}
                          for task in ("edema", "effusion") for m in range(n_models) for metric in MODEL_METRICS])
 
 

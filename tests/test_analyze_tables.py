@@ -162,5 +162,9 @@ def test_edge_cases_run_end_to_end(tmp_path):
     young = analysis.tables["subgroups"]
     young = young[(young["attribute"] == "age_group") & (young["group"] == "0-20") & (young["metric"] == "auroc")]
     assert len(young) and young["value"].isna().all() and young["note"].str.contains("AUROC").all()
+    assert not young["ci_reliable"].any()  # no positives: no patient carries AUROC here
     index = write_report(analysis=analysis, out=tmp_path / "report")
     assert "undefined" in index.read_text()
+    from cxr_fast.analyze.report import UNRELIABLE_MARK
+
+    assert UNRELIABLE_MARK in index.read_text()  # the report marks the intervals it cannot vouch for

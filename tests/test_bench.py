@@ -145,7 +145,7 @@ def test_committed_results_still_read_and_render_as_in_benchmarks_md():
     """The files in benchmarks/results/ keep their format: read back unchanged, and the table in
     BENCHMARKS.md is what the writer makes of its results file."""
     files = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
-    suites = [path for path in files if not path.name.startswith("analyze-scale-")]
+    suites = [path for path in files if not path.name.startswith(("analyze-scale-", "analyze-coverage-"))]
     assert suites
     for path in suites:
         assert read_record(SuiteResult, path).to_json() == json.loads(path.read_text())
@@ -165,6 +165,23 @@ def test_committed_analysis_scale_results_carry_what_benchmarks_md_reports():
         assert result["models"] > 0 and result["images_per_task"] > 0 and result["wall_s"] > 0
         assert result["peak_rss_mb"] > 0 and {"index.html", "summary.json"} <= set(result["report_files_mb"])
         assert result["command"].startswith("python -m cxr_fast.analyze ")
+
+
+def test_committed_coverage_results_carry_what_benchmarks_md_reports():
+    """The coverage study's files (python -m cxr_fast.analyze.coverage_bench): every cell's
+    coverage before and after, and BENCHMARKS.md prints the command and table they hold."""
+    from cxr_fast.analyze.coverage_bench import STATISTICS, markdown_table
+
+    files = sorted((ROOT / "benchmarks" / "results").glob("analyze-coverage-*.json"))
+    assert files
+    committed = (ROOT / "BENCHMARKS.md").read_text()
+    for path in files:
+        result = json.loads(path.read_text())
+        assert result["benchmark"] == "analyze-coverage" and result["cells"]
+        assert result["command"].startswith("python -m cxr_fast.analyze.coverage_bench")
+        for cell in result["cells"]:
+            assert cell["replicates"] > 0 and set(cell["statistics"]) == set(STATISTICS)
+        assert result["command"] in committed and markdown_table(result) in committed
 
 
 def test_an_unreadable_results_file_is_a_one_line_error(tmp_path):

@@ -35,9 +35,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from scipy import stats
-
-from cxr_fast.analyze.bootstrap import percentile_interval, wald_z
+from cxr_fast.analyze.bootstrap import expanded_interval, expanded_p_value, reliable, wald_z
 from cxr_fast.analyze.parallel import blas_single_threaded
 from cxr_fast.analyze.resampled import Resampled, resampled_tasks
 from cxr_fast.analyze.stats import benjamini_hochberg
@@ -179,8 +177,8 @@ def _point_values(y: np.ndarray, prob: np.ndarray, bins: np.ndarray, theta: np.n
 
 COLUMNS = [
     "task", "arch", "recipe", "attribute", "group", "n", "n_subjects", "n_pos", "n_neg", "eligible", "metric",
-    "value", "ci_low", "ci_high", "overall", "gap_overall", "gap_overall_ci_low", "gap_overall_ci_high",
-    "p_gap_overall", "direction", "note",
+    "value", "ci_low", "ci_high", "n_informative", "ci_reliable", "overall", "gap_overall", "gap_overall_ci_low",
+    "gap_overall_ci_high", "p_gap_overall", "direction", "note",
 ]
 OVERALL = ("overall", "all")  # (attribute, group) of the rows about every test image
 
@@ -200,13 +198,21 @@ def calibration_rows(resampled: Resampled, values: np.ndarray, *, min_count: int
     n_models, n_scopes, n_metrics = values.shape[:3]
     gaps = values - values[:, :1]
     gaps[:, 0] = np.nan  # everybody vs everybody: no gap
+    # Every calibration metric compares predicted with observed risk in both classes: like AUROC
+    # (and its gap), it rests on the fewer of the scope's patients with a positive image and with
+    # a negative one; the expanded intervals and p-values are on that scale, as the subgroup table's.
+    carrying = resampled.tallies.patients
+    informative = np.broadcast_to(np.minimum(carrying["positive"], carrying["negative"])[None, :, None],
+                                  (n_models, n_scopes, n_metrics))
     columns = {}
     for prefix, array in (("", values), ("gap_overall_", gaps)):
         samples = np.moveaxis(array[..., 1:], 3, 0)
-        low, high = percentile_interval(samples, level=level)
+        low, high = expanded_interval(samples, informative, level=level)
         columns["value" if not prefix else "gap_overall"] = array[..., 0].ravel()
         columns[f"{prefix}ci_low"], columns[f"{prefix}ci_high"] = low.ravel(), high.ravel()
-    columns["p_gap_overall"] = (2 * stats.norm.sf(np.abs(wald_z(gaps[..., 0], np.moveaxis(gaps[..., 1:], 3, 0))))).ravel()
+    columns["n_informative"] = informative.ravel()
+    columns["ci_reliable"] = reliable(informative).ravel()
+    columns["p_gap_overall"] = expanded_p_value(wald_z(gaps[..., 0], np.moveaxis(gaps[..., 1:], 3, 0)), informative).ravel()
     table = pd.DataFrame({
         "task": data.task,
         "arch": np.repeat(data.archs, n_scopes * n_metrics),
@@ -235,8 +241,9 @@ def _direction(table: pd.DataFrame) -> np.ndarray:
 
 def flag_calibration(table: pd.DataFrame, *, fdr: float) -> pd.DataFrame:
     """Add tested / q_value / flagged: one BH family over the whole (all tasks) table of
-    two-sided gap-to-overall tests of FLAG_METRICS in eligible groups."""
-    table["tested"] = table["eligible"] & table["metric"].isin(FLAG_METRICS) & table["p_gap_overall"].notna()
+    two-sided gap-to-overall tests of FLAG_METRICS in eligible groups with a reliable interval."""
+    table["tested"] = (table["eligible"] & table["ci_reliable"] & table["metric"].isin(FLAG_METRICS)
+                       & table["p_gap_overall"].notna())
     table["q_value"] = benjamini_hochberg(table["p_gap_overall"].where(table["tested"]).to_numpy(float))
     table["flagged"] = table["tested"] & (table["q_value"] <= fdr)
     return table

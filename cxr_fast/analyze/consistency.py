@@ -17,9 +17,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from scipy import stats
-
-from cxr_fast.analyze.bootstrap import percentile_interval, wald_z
+from cxr_fast.analyze.bootstrap import expanded_interval, expanded_p_value, reliable, wald_z
 from cxr_fast.analyze.resampled import Resampled, pairs, resampled_tasks
 from cxr_fast.analyze.stats import benjamini_hochberg
 from cxr_fast.analyze.parallel import blas_single_threaded
@@ -76,9 +74,12 @@ def consistency_table(*, predictions: pd.DataFrame, n_bootstrap: int = 1000, see
 
     Gap to overall (mean rows of groups): the group's mean kappa minus the task's, with a
     paired bootstrap CI (same resamples). Test: one-sided, H0: models agree no more on whom
-    they fail in the group than overall, z = gap / bootstrap SE (`p_agree`); one
-    Benjamini-Hochberg family over every group with >= min_count positives and negatives, all
-    tasks. Flagged = q_value <= fdr and gap > 0: "models agree more on whom they fail here".
+    they fail in the group than overall, z = gap / bootstrap SE (`p_agree`, on the expanded
+    intervals' scale); one Benjamini-Hochberg family over every group with >= min_count
+    positives and negatives and a reliable interval, all tasks. Flagged = q_value <= fdr and
+    gap > 0: "models agree more on whom they fail here".
+    Intervals: bootstrap.expanded_interval on the scope's patients with an image some model
+    gets wrong (kappa is made of errors); `ci_reliable` False below MIN_INFORMATIVE of them.
     """
     return consistency_frame([task_consistency(resampled, level=level, min_count=min_count)
                               for resampled in resampled_tasks(predictions=predictions, n_bootstrap=n_bootstrap, seed=seed)],
@@ -99,15 +100,16 @@ def task_consistency(resampled: Resampled, *, level: float, min_count: int) -> l
         arrays = kappa_from_sums(total[s], correct[:, s].T, tallies.agreeing[s])
         mean = _mean_kappa(arrays["kappa"])
         overall_mean = mean if overall_mean is None else overall_mean
-        block = _scope_rows(arrays, mean, data.archs, level)
+        erring = tallies.patients["erring"][s]
+        block = _scope_rows(arrays, mean, data.archs, level, erring)
         rows = len(block["kind"])
         block.update({name: np.full(rows, value, dtype=object)
                       for name, value in (("task", data.task), ("attribute", attribute), ("group", group))})
         block["n"] = np.full(rows, positions.size)
         block["n_subjects"] = np.full(rows, np.unique(data.subject_index[positions]).size)
         n_pos = int(data.label[positions].sum())
-        eligible = attribute != "overall" and min(n_pos, positions.size - n_pos) >= min_count
-        block.update(_gap_columns(mean - overall_mean, rows, eligible=eligible, level=level))
+        eligible = attribute != "overall" and min(n_pos, positions.size - n_pos) >= min_count and bool(reliable(erring))
+        block.update(_gap_columns(mean - overall_mean, rows, eligible=eligible, level=level, informative=erring))
         blocks.append(block)
     return blocks
 
@@ -125,7 +127,7 @@ def consistency_frame(task_blocks: list[list[dict[str, np.ndarray]]], *, fdr: fl
 
 
 _COLUMNS = ["task", "attribute", "group", "n", "n_subjects", "kind", "model_a", "model_b", "p_correct_a",
-            "p_correct_b", "c_obs", "c_exp", "kappa", "ci_low", "ci_high", "note",
+            "p_correct_b", "c_obs", "c_exp", "kappa", "ci_low", "ci_high", "n_informative", "ci_reliable", "note",
             "eligible", "gap_overall", "gap_ci_low", "gap_ci_high", "p_agree", "q_value", "flagged"]
 _TEXT = {"task", "attribute", "group", "kind", "model_a", "model_b", "note"}
 
@@ -137,22 +139,22 @@ def _mean_kappa(kappa: np.ndarray) -> np.ndarray:
         return np.nanmean(kappa, axis=1)
 
 
-def _gap_columns(gap: np.ndarray, rows: int, *, eligible: bool, level: float) -> dict[str, np.ndarray]:
+def _gap_columns(gap: np.ndarray, rows: int, *, eligible: bool, level: float, informative: int) -> dict[str, np.ndarray]:
     """Gap-to-overall columns: filled on the mean row (the first), NaN on the pair rows."""
-    low, high = percentile_interval(gap[1:, None], level=level)
-    p_agree = stats.norm.sf(wald_z(gap[:1], gap[1:, None]))[0]
+    low, high = expanded_interval(gap[1:, None], np.array([informative]), level=level)
+    p_agree = expanded_p_value(wald_z(gap[:1], gap[1:, None]), np.array([informative]), one_sided=True)[0]
     pad = np.full(rows - 1, np.nan)
     return {"eligible": np.r_[[eligible], np.zeros(rows - 1, bool)],
             "gap_overall": np.r_[gap[0], pad], "gap_ci_low": np.r_[low, pad], "gap_ci_high": np.r_[high, pad],
             "p_agree": np.r_[p_agree, pad]}
 
 
-def _scope_rows(arrays: dict[str, np.ndarray], mean: np.ndarray, archs: tuple[str, ...], level: float
-                ) -> dict[str, np.ndarray]:
+def _scope_rows(arrays: dict[str, np.ndarray], mean: np.ndarray, archs: tuple[str, ...], level: float,
+                informative: int) -> dict[str, np.ndarray]:
     """The mean row then one row per pair, as columns (estimate = resample row 0)."""
     first, second = pairs(len(archs))
     kappa = arrays["kappa"]
-    low, high = percentile_interval(np.column_stack([mean, kappa])[1:], level=level)
+    low, high = expanded_interval(np.column_stack([mean, kappa])[1:], np.full(1 + len(first), informative), level=level)
     n_defined = int(np.isfinite(kappa[0]).sum())
     mean_note = f"mean over {n_defined} of {kappa.shape[1]} pairs with a defined kappa" if n_defined < kappa.shape[1] else ""
     nan = np.array([np.nan])
@@ -166,5 +168,6 @@ def _scope_rows(arrays: dict[str, np.ndarray], mean: np.ndarray, archs: tuple[st
         "c_exp": np.r_[nan, arrays["c_exp"][0]],
         "kappa": np.r_[mean[0], kappa[0]],
         "ci_low": low, "ci_high": high,
+        "n_informative": np.full(1 + len(first), informative), "ci_reliable": np.full(1 + len(first), bool(reliable(informative))),
         "note": np.r_[[mean_note], np.where(np.isnan(kappa[0]), DEGENERATE_NOTE, "")],
     }

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-from cxr_fast.analyze.bootstrap import percentile_interval, wald_z
+from cxr_fast.analyze.bootstrap import expanded_interval, expanded_p_value, reliable, wald_z
 from cxr_fast.analyze.inputs import TaskData
-from cxr_fast.analyze.resampled import Resampled, metric_values, resampled_tasks
+from cxr_fast.analyze.resampled import (Resampled, gap_informative_patients, informative_patients, metric_values,
+                                        resampled_tasks)
 from cxr_fast.analyze.stats import benjamini_hochberg
 from cxr_fast.analyze.parallel import blas_single_threaded
 from cxr_fast.metrics import DIRECTION, METRICS, MODEL_METRICS
@@ -32,7 +32,7 @@ _DIRECTION = np.array([DIRECTION[name] for name in METRICS])
 
 @blas_single_threaded
 def model_table(*, predictions: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
-    """One row per (model, metric): value and percentile CI from the patient-level bootstrap."""
+    """One row per (model, metric): value and expanded CI from the patient-level bootstrap."""
     frames = []
     for resampled in resampled_tasks(predictions=predictions, n_bootstrap=n_bootstrap, seed=seed):
         overall, _ = metric_values(resampled)
@@ -48,11 +48,13 @@ def subgroup_table(
     """One row per (model, attribute, group, metric) with gaps, CIs, p-values and flags.
 
     Tests: `p_gap_overall` is two-sided (gap != 0, matching the CI); `p_harm` is one-sided
-    (H0: the group is served no worse than overall), both from z = gap / bootstrap SE.
+    (H0: the group is served no worse than overall), both from z = gap / bootstrap SE on the
+    expanded intervals' scale (bootstrap.expanded_p_value: Student's t on the group's
+    informative patients).
     Multiple testing: ONE Benjamini-Hochberg family per table over `p_harm` = every
     gap-to-overall test of a metric in `flag_metrics`, over all tasks, models, attributes and
-    groups, restricted to groups with >= min_count positives and >= min_count negatives
-    (others are reported with `tested` False). Flagged = q_value <= fdr.
+    groups, restricted to groups with >= min_count positives and >= min_count negatives and a
+    reliable gap interval (`gap_ci_reliable`; others are reported with `tested` False). Flagged = q_value <= fdr.
     Why one-sided: only harm is a finding to act on, and two-sided p-values of groups doing
     *better* (small groups with a near-zero error rate have a small bootstrap SE) would
     otherwise fill the BH ranking and lower the bar for everything else.
@@ -64,7 +66,8 @@ def subgroup_table(
 
 def flag_subgroups(table: pd.DataFrame, *, fdr: float, flag_metrics: tuple[str, ...] = FLAG_METRICS) -> pd.DataFrame:
     """Add tested / q_value / flagged: one BH family over the whole (all tasks) table."""
-    table["tested"] = table["eligible"] & table["metric"].isin(flag_metrics) & table["p_harm"].notna()
+    table["tested"] = (table["eligible"] & table["gap_ci_reliable"] & table["metric"].isin(flag_metrics)
+                       & table["p_harm"].notna())
     table["q_value"] = benjamini_hochberg(table["p_harm"].where(table["tested"]).to_numpy(float))
     table["flagged"] = table["tested"] & (table["q_value"] <= fdr) & (table["direction"] == "worse")
     return table
@@ -74,16 +77,19 @@ def model_rows(resampled: Resampled, overall: np.ndarray, *, level: float) -> pd
     """The model table's rows of one task from metric_values' overall (M, K, 1 + R)."""
     data = resampled.data
     counts = _counts(data, np.arange(data.label.size))
-    low, high = percentile_interval(np.moveaxis(overall[:, :, 1:], 2, 0), level=level)   # (M, K)
+    informative = informative_patients(resampled.tallies)[:, 0]                          # (M, K)
+    low, high = expanded_interval(np.moveaxis(overall[:, :, 1:], 2, 0), informative, level=level)   # (M, K)
     keep = np.isin(METRICS, MODEL_METRICS)
     n_models, n_metrics = len(data.archs), int(keep.sum())
     frame = pd.DataFrame({
         "task": data.task, "arch": np.repeat(data.archs, n_metrics), "recipe": np.repeat(data.recipes, n_metrics),
         **counts, "metric": np.tile(np.array(METRICS)[keep], n_models),
         "value": overall[:, keep, 0].ravel(), "ci_low": low[:, keep].ravel(), "ci_high": high[:, keep].ravel(),
+        "n_informative": informative[:, keep].ravel(), "ci_reliable": reliable(informative[:, keep]).ravel(),
         "note": _class_note(counts),
     })
-    return frame[["task", "arch", "recipe", "n", "n_subjects", "n_pos", "n_neg", "metric", "value", "ci_low", "ci_high", "note"]]
+    return frame[["task", "arch", "recipe", "n", "n_subjects", "n_pos", "n_neg", "metric", "value", "ci_low", "ci_high",
+                  "n_informative", "ci_reliable", "note"]]
 
 
 def _counts(data: TaskData, positions: np.ndarray) -> dict[str, int]:
@@ -110,12 +116,24 @@ def subgroup_rows(resampled: Resampled, overall_values: np.ndarray, group_values
     group_info = group_info.loc[group_info.index.repeat(len(METRICS))].reset_index(drop=True)  # one row per metric
     eligible = group_info["eligible"].to_numpy()[:: len(METRICS)]
     attributes = np.array([attribute for attribute, _, _ in groups])
+    informative = informative_patients(resampled.tallies)[:, 1:]                         # (M, G, K)
+    gap_informative = gap_informative_patients(resampled.tallies)[:, 1:]                 # (M, G, K)
     frames = []
     for m, (arch, recipe) in enumerate(zip(data.archs, data.recipes)):
         overall, values = overall_values[m], group_values[m]                               # (K, R), (G, K, R)
         best = _best_group(values[:, :, 0], attributes, eligible)                         # (G, K)
-        best_values = np.where((best >= 0)[:, :, None], values[np.maximum(best, 0), np.arange(len(METRICS))], np.nan)
-        frame = _rows(values, values - overall[None], values - best_values, level=level)
+        at_best = (np.maximum(best, 0), np.arange(len(METRICS)))
+        best_values = np.where((best >= 0)[:, :, None], values[at_best], np.nan)
+        # A gap to overall rests on the group's patients (the overall has many more); a gap
+        # to best on the fewer of the two groups'.
+        group_gap = gap_informative[m]
+        patients = {"value": informative[m], "gap_overall": group_gap,
+                    "gap_best": np.where(best >= 0, np.minimum(group_gap, group_gap[at_best]), group_gap)}
+        frame = _rows(values, values - overall[None], values - best_values, patients, level=level)
+        frame["n_informative"] = informative[m].ravel()
+        frame["ci_reliable"] = reliable(informative[m]).ravel()
+        frame["gap_n_informative"] = group_gap.ravel()
+        frame["gap_ci_reliable"] = reliable(group_gap).ravel()
         frame["overall"] = np.tile(overall[:, 0], len(groups))
         frame["best_group"] = [groups[b][1] if b >= 0 else "" for b in best.ravel()]
         frame["best_value"] = best_values[:, :, 0].ravel()
@@ -128,8 +146,9 @@ def subgroup_rows(resampled: Resampled, overall_values: np.ndarray, group_values
 
 _SUBGROUP_COLUMNS = [
     "task", "arch", "recipe", "attribute", "group", "n", "n_subjects", "n_pos", "n_neg", "eligible",
-    "metric", "value", "ci_low", "ci_high", "overall",
-    "gap_overall", "gap_overall_ci_low", "gap_overall_ci_high", "p_gap_overall", "p_harm", "direction",
+    "metric", "value", "ci_low", "ci_high", "n_informative", "ci_reliable", "overall",
+    "gap_overall", "gap_overall_ci_low", "gap_overall_ci_high", "gap_n_informative", "gap_ci_reliable",
+    "p_gap_overall", "p_harm", "direction",
     "best_group", "best_value", "gap_best", "gap_best_ci_low", "gap_best_ci_high", "p_gap_best", "note",
 ]
 
@@ -148,23 +167,26 @@ def _best_group(point: np.ndarray, attributes: np.ndarray, eligible: np.ndarray)
     return best
 
 
-def _rows(values: np.ndarray, gap_overall: np.ndarray, gap_best: np.ndarray, *, level: float) -> pd.DataFrame:
-    """Flatten (G, K, 1 + B) arrays into G*K rows: estimate (resample 0), CI, p-value."""
+def _rows(values: np.ndarray, gap_overall: np.ndarray, gap_best: np.ndarray, patients: dict[str, np.ndarray], *,
+          level: float) -> pd.DataFrame:
+    """Flatten (G, K, 1 + B) arrays into G*K rows: estimate (resample 0), CI, p-value; the CI
+    and p-value of each on the scale of its (G, K) informative `patients`."""
     columns = {"metric": np.tile(METRICS, values.shape[0])}
     for prefix, array in (("", values), ("gap_overall", gap_overall), ("gap_best", gap_best)):
         samples = np.moveaxis(array[:, :, 1:], 2, 0)
-        low, high = percentile_interval(samples, level=level)
+        informative = patients[prefix or "value"]
+        low, high = expanded_interval(samples, informative, level=level)
         name = prefix or "value"
         columns[name] = array[:, :, 0].ravel()
         columns[f"{prefix}_ci_low" if prefix else "ci_low"] = low.ravel()
         columns[f"{prefix}_ci_high" if prefix else "ci_high"] = high.ravel()
         if prefix:
             z = wald_z(array[:, :, 0], samples)
-            columns[f"p_{prefix}"] = (2 * stats.norm.sf(np.abs(z))).ravel()
+            columns[f"p_{prefix}"] = expanded_p_value(z, informative).ravel()
             if prefix == "gap_overall":
                 # Harm is a negative gap for higher-is-better metrics, positive for FNR/FPR.
                 harm_z = np.where(_DIRECTION == 0, np.nan, -_DIRECTION * z)
-                columns["p_harm"] = stats.norm.sf(harm_z).ravel()
+                columns["p_harm"] = expanded_p_value(harm_z, informative, one_sided=True).ravel()
     return pd.DataFrame(columns)
 
 

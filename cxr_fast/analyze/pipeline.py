@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from cxr_fast.analyze.adjusted import adjusted_table
+from cxr_fast.analyze.bootstrap import MIN_INFORMATIVE
 from cxr_fast.analyze.calibration import ECE_BINS, calibration_rows, calibration_values, flag_calibration
 from cxr_fast.analyze.consistency import consistency_frame, task_consistency
 from cxr_fast.analyze.inputs import TaskData, load_predictions, task_data
@@ -64,7 +65,9 @@ DEFINITIONS = {
         "One Benjamini-Hochberg family for the whole subgroup table: every gap-to-overall test of "
         f"{', '.join(FLAG_METRICS)} over all tasks, models, attributes (sex, age_group, race, view, "
         "sex x race, sex x age_group) and groups with >= min_count positives and >= min_count negatives. "
-        "Test: one-sided (H0: the group is served no worse than overall), z = gap / bootstrap standard error "
+        "and a reliable gap interval (gap_ci_reliable). "
+        "Test: one-sided (H0: the group is served no worse than overall), z = gap / bootstrap standard error, "
+        "referred to Student's t on the group's informative patients, the expanded CI's scale "
         "(p_harm); p_gap_overall is the two-sided version, matching the CI. Flagged = q_value <= fdr, i.e. "
         "FNR/FPR significantly higher or balanced accuracy/AUROC significantly lower than overall."
     ),
@@ -77,7 +80,14 @@ DEFINITIONS = {
     "bootstrap": (
         "Patient-level cluster bootstrap: subjects resampled with replacement, one resample matrix per task "
         "(seeded by seed and task name), shared by all models, groups and pairs of the task (paired CIs). "
-        "95% percentile intervals over resamples where the statistic is defined (NaN if under half are)."
+        "95% expanded percentile intervals over resamples where the statistic is defined (NaN if under half are): "
+        "the percentile interval at the levels Phi(-/+ sqrt(n/(n-1)) t_{n-1, 0.975}), n = the patients the "
+        "statistic rests on (n_informative: for a proportion the patients with its rarer outcome, e.g. "
+        "min(patients with a true positive, with a false negative) for sensitivity/FNR, min(TN, FN) for NPV; "
+        "balanced accuracy the fewer of sensitivity's and specificity's; AUROC min(patients with a positive "
+        "image, with a negative one); kappa the patients with an image some model gets wrong; a gap its "
+        "group's patients in the metric's denominator, gap_n_informative). ci_reliable / gap_ci_reliable are False "
+        f"below {MIN_INFORMATIVE} such patients: there no interval keeps its coverage (cxr_fast.analyze.coverage_bench)."
     ),
     "kappa": (
         "Error consistency: Cohen's kappa of two models' correct/incorrect vectors, "
@@ -93,8 +103,9 @@ DEFINITIONS = {
     ),
     "kappa_gap": (
         "Group mean kappa minus the task's overall mean kappa, paired bootstrap CI; one-sided test (H0: models "
-        "agree no more on whom they fail in the group), one Benjamini-Hochberg family over groups with >= "
-        "min_count positives and negatives. Flagged = q <= fdr and gap > 0."
+        "agree no more on whom they fail in the group; z = gap / bootstrap SE on the expanded CI's scale), one "
+        "Benjamini-Hochberg family over groups with >= min_count positives and negatives and a reliable "
+        "interval. Flagged = q <= fdr and gap > 0."
     ),
     "calibration": (
         "Calibration per model and group: calibration-in-the-large (citl = mean predicted probability minus observed "

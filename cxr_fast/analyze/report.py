@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_fast.analyze import figures
+from cxr_fast.analyze.bootstrap import MIN_INFORMATIVE
 from cxr_fast.analyze.gallery import Gallery
 from cxr_fast.analyze.gallery_html import DUA_WARNING, GALLERY_CSS, gallery_section
 from cxr_fast.analyze.groups import group_sort_key, iter_groups
@@ -48,8 +49,11 @@ def _number(value, digits: int = 3) -> str:
     return html.escape(str(value))
 
 
-def _with_ci(value, low, high) -> str:
-    return f"{_number(value)} [{_number(low)}, {_number(high)}]"
+UNRELIABLE_MARK = "\u2020"  # a dagger after an interval that rests on too few patients to keep its level
+
+
+def _with_ci(value, low, high, reliable=True) -> str:
+    return f"{_number(value)} [{_number(low)}, {_number(high)}]" + ("" if reliable else UNRELIABLE_MARK)
 
 
 def _table(frame: pd.DataFrame, *, flag_column: str | None = None, left: tuple[str, ...] = ()) -> str:
@@ -102,7 +106,10 @@ def headline_and_findings(analysis: Analysis) -> tuple[list[str], dict[str, list
 HOW_TO_READ = """
 <div class="box"><b>How to read this report.</b>
 Every number comes with a 95% confidence interval from a patient-level bootstrap: patients (not
-images) are resampled, because images of one patient are not independent.
+images) are resampled, because images of one patient are not independent. The interval is widened
+to a t quantile on the patients the number rests on (those with a positive image for sensitivity,
+...), which keeps its 95% in small groups; an interval marked &dagger; rests on fewer than
+{min_informative} such patients and does not keep its 95% (unreliable: such rows are never tested).
 A <b>gap</b> is the group's value minus the model's value on the whole test set (gap to overall), or
 minus the best-served group of the same attribute (gap to best). For FNR and FPR a positive gap
 is worse; for AUROC, balanced accuracy, sensitivity, specificity, PPV and NPV a negative gap is worse.
@@ -125,7 +132,7 @@ def _models_section(models: pd.DataFrame, roc_uri: str) -> str:
         record = {"task": task, "model": arch, "n": first["n"], "patients": first["n_subjects"], "positives": first["n_pos"]}
         for metric in MODEL_METRICS:
             m = by_metric.loc[metric]
-            record[METRIC_LABELS[metric]] = _with_ci(m["value"], m["ci_low"], m["ci_high"])
+            record[METRIC_LABELS[metric]] = _with_ci(m["value"], m["ci_low"], m["ci_high"], m["ci_reliable"])
         record["note"] = first["note"]
         wide.append(record)
     wide = pd.DataFrame(wide)
@@ -145,9 +152,10 @@ def _subgroup_display(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         "task": rows["task"], "model": rows["arch"], "attribute": rows["attribute"], "group": rows["group"],
         "n": rows["n"], "pos": rows["n_pos"], "neg": rows["n_neg"], "metric": rows["metric"].map(METRIC_LABELS),
-        "value [95% CI]": [_with_ci(*v) for v in zip(rows["value"], rows["ci_low"], rows["ci_high"])],
+        "value [95% CI]": [_with_ci(*v) for v in zip(rows["value"], rows["ci_low"], rows["ci_high"], rows["ci_reliable"])],
         "overall": rows["overall"],
-        "gap to overall [95% CI]": [_with_ci(*v) for v in zip(rows["gap_overall"], rows["gap_overall_ci_low"], rows["gap_overall_ci_high"])],
+        "gap to overall [95% CI]": [_with_ci(*v) for v in zip(rows["gap_overall"], rows["gap_overall_ci_low"],
+                                                               rows["gap_overall_ci_high"], rows["gap_ci_reliable"])],
         "p (harm, 1-sided)": rows["p_harm"], "q": rows["q_value"], "flagged": rows["flagged"],
         "gap to best [95% CI]": [_with_ci(*v) for v in zip(rows["gap_best"], rows["gap_best_ci_low"], rows["gap_best_ci_high"])],
         "best group": rows["best_group"], "note": rows["note"],
@@ -210,7 +218,7 @@ def _consistency_section(consistency: pd.DataFrame, kappa_uri: str | None, mean_
     if consistency.empty:
         return "<h2>Error consistency</h2><p>No task has two or more models: nothing to compare.</p>"
     means = consistency[consistency["kind"] == "mean"]
-    wide = means.assign(cell=[_with_ci(*v) for v in zip(means["kappa"], means["ci_low"], means["ci_high"])])
+    wide = means.assign(cell=[_with_ci(*v) for v in zip(means["kappa"], means["ci_low"], means["ci_high"], means["ci_reliable"])])
     wide = wide.pivot_table(index=["attribute", "group"], columns="task", values="cell", aggfunc="first")
     wide = wide.reindex(sorted(wide.index, key=lambda ag: (-1,) if ag[0] == "overall" else group_sort_key(*ag))).reset_index()
     gaps = means[means["eligible"].astype(bool)].sort_values(["flagged", "q_value"], ascending=[False, True], kind="stable")
@@ -375,7 +383,8 @@ def render_html(analysis: Analysis, uris: dict | None = None, gallery: Gallery |
         DUA_WARNING if gallery is not None and gallery.has_images else "",
         f"<p class=note>{settings_line}</p>",
         f'<h2>Headline findings</h2><ul class="headline">{headline}</ul>',
-        HOW_TO_READ.format(fdr=settings.fdr, min_count=settings.min_count, threshold=settings.systematic_threshold),
+        HOW_TO_READ.format(fdr=settings.fdr, min_count=settings.min_count, threshold=settings.systematic_threshold,
+                           min_informative=MIN_INFORMATIVE),
         _models_section(tables["models"], uris["roc"]),
         _subgroups_section(tables["subgroups"], forest_uris),
         _calibration_section(tables["calibration"], {data.task: uris["reliability", data.task] for data in tasks}),
