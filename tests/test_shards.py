@@ -22,6 +22,7 @@ from cxr_fast.data import shard_dataset, shards
 from cxr_fast.errors import CxrError
 from cxr_fast.io import TEMPORARY_MARK
 from cxr_fast.locks import LOCK_NAME
+from cxr_fast.schema import DECODED_CACHE_FOLDER
 from cxr_fast.tasks import TASKS
 from conftest import SHARD_PIXELS, shard_arguments
 
@@ -31,9 +32,12 @@ COHORT_COLUMNS = ["key", "dicom_id", "subject_id", "study_id", "path", "view", "
 
 
 def digest_tree(folder: Path) -> dict[str, str]:
-    """sha256 of every file below `folder` but the lock, whose text names its last holder."""
+    """sha256 of every file sharding wrote below `folder`: not the lock, whose text names its
+    last holder, nor the decoded caches that runs (other tests) built from the shards."""
     return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != LOCK_NAME}
+            for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name != LOCK_NAME
+            and path.relative_to(folder).parts[0] != DECODED_CACHE_FOLDER}
 
 
 def temporaries(folder: Path) -> list[Path]:

@@ -15,15 +15,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxr_fast.loading.augment import (AugmentSettings, batch_generator, default_mode, draw_params, eval_transform,
-                                      train_transform)
+from cxr_fast.loading.augment import AugmentSettings
 from cxr_fast.loading.decoded import host_images
 from cxr_fast.loading.prefetch import Prefetched
+from cxr_fast.loading.split_loader import SplitLoader
 
 PREFETCH_BATCHES = 1  # one batch gathered ahead: its copy overlaps the step
 
 
-class HostLoader:
+class HostLoader(SplitLoader):
     """Batches of one split, gathered from host memory and augmented on `device`."""
 
     name = "host"
@@ -31,30 +31,14 @@ class HostLoader:
     def __init__(self, rows: pd.DataFrame, shards_dir: Path, settings: AugmentSettings, *,
                  device: torch.device, batch_size: int, seed: int = 0, rank: int = 0, threads: int = 0,
                  mode: str | None = None, cache: str = "on"):
-        self.settings = settings
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.mode = mode or default_mode(self.device)
+        super().__init__(settings, device=device, batch_size=batch_size, seed=seed, rank=rank, mode=mode)
         self.images = host_images(rows, shards_dir, settings.load_size, device=self.device, threads=threads,
                                   cache=cache)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def train_batches(self, indices: np.ndarray, *, epoch: int) -> Iterator[torch.Tensor]:
-        """Augmented batches of `indices` (full batches only, as `resident`)."""
-        starts = range(0, len(indices) - self.batch_size + 1, self.batch_size)
-        for number, batch in enumerate(self._on_device(indices, starts)):
-            params = draw_params(self.settings, len(batch), batch_generator(self.seed, epoch, number, self.rank))
-            yield train_transform(batch, self.settings, params, mode=self.mode)
-
-    def eval_batches(self, indices: np.ndarray) -> Iterator[torch.Tensor]:
-        for batch in self._on_device(indices, range(0, len(indices), self.batch_size)):
-            yield eval_transform(batch, self.settings)
-
-    def _on_device(self, indices: np.ndarray, starts: range) -> Iterator[torch.Tensor]:
+    def stored_batches(self, indices: np.ndarray, starts: range) -> Iterator[torch.Tensor]:
         indices = np.asarray(indices)
         gathered = Prefetched((self._gather(indices[start:start + self.batch_size]) for start in starts),
                               depth=PREFETCH_BATCHES, name="host-gather")

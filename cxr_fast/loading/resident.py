@@ -20,19 +20,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxr_fast.loading.augment import (
-    AugmentSettings,
-    batch_generator,
-    default_mode,
-    draw_params,
-    eval_transform,
-    train_transform,
-)
-from cxr_fast.loading.decoded import HostImages, host_images
+from cxr_fast.loading.augment import AugmentSettings
 from cxr_fast.loading.decode import decode_rows
+from cxr_fast.loading.decoded import HostImages, host_images
+from cxr_fast.loading.split_loader import SplitLoader
 
 
-class ResidentLoader:
+class ResidentLoader(SplitLoader):
     """Batches of one split, from images decoded once onto `device`."""
 
     name = "resident"
@@ -40,12 +34,7 @@ class ResidentLoader:
     def __init__(self, rows: pd.DataFrame, shards_dir: Path, settings: AugmentSettings, *,
                  device: torch.device, batch_size: int, seed: int = 0, rank: int = 0, threads: int = 0,
                  mode: str | None = None, cache: str = "on"):
-        self.settings = settings
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank  # augmentation draws differ per process
-        self.mode = mode or default_mode(self.device)
+        super().__init__(settings, device=device, batch_size=batch_size, seed=seed, rank=rank, mode=mode)
         self.positions: torch.Tensor | None = None  # split row i is images[positions[i]] (None: images[i])
         if cache == "off":
             self.images = decode_rows(rows, shards_dir, settings.load_size, self.device, threads)
@@ -66,18 +55,10 @@ class ResidentLoader:
         """uint8 [len(index), 1, L, L]: the split's rows `index` as stored, before any transform."""
         return self.images.index_select(0, index if self.positions is None else self.positions[index])
 
-    def train_batches(self, indices: np.ndarray, *, epoch: int) -> Iterator[torch.Tensor]:
-        """Augmented batches of `indices` (full batches only: a ragged tail would retrace compile)."""
+    def stored_batches(self, indices: np.ndarray, starts: range) -> Iterator[torch.Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long, device=self.device)
-        for number, start in enumerate(range(0, len(index) - self.batch_size + 1, self.batch_size)):
-            batch = self.stored(index[start:start + self.batch_size])
-            params = draw_params(self.settings, len(batch), batch_generator(self.seed, epoch, number, self.rank))
-            yield train_transform(batch, self.settings, params, mode=self.mode)
-
-    def eval_batches(self, indices: np.ndarray) -> Iterator[torch.Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long, device=self.device)
-        for start in range(0, len(index), self.batch_size):
-            yield eval_transform(self.stored(index[start:start + self.batch_size]), self.settings)
+        for start in starts:
+            yield self.stored(index[start:start + self.batch_size])
 
 
 def to_device(images: HostImages, device: torch.device, chunk_rows: int = 4096) -> torch.Tensor:
