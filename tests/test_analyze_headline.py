@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from cxr_fast.analyze import Settings, analyze
-from cxr_fast.analyze.headline import headline, overlaps
+from cxr_fast.analyze.headline import adjusted_findings, headline, overlaps
 from cxr_fast.analyze.report import flagged_calibration_groups, headline_and_findings, headline_findings
 from cxr_fast.analyze.simulate import PlantedMiss, PlantedShift, simulate_predictions, write_prediction_files
 
@@ -119,3 +119,19 @@ def test_groups_overlap_unless_they_differ_on_a_shared_attribute():
     assert overlaps(("race", "Black"), ("sex x race", "F & Black"))
     assert not overlaps(("sex x race", "M & Black"), ("sex x race", "F & Black"))
     assert not overlaps(("race", "White"), ("sex x race", "F & Black"))
+
+
+def test_a_finding_the_systematic_fit_does_not_flag_takes_the_models_own_odds_ratio():
+    def row(scope, arch, odds_ratio, q_value, flagged):
+        return {"task": "effusion", "error": "fn", "attribute": "age_group", "group": "80+", "scope": scope,
+                "arch": arch, "odds_ratio": odds_ratio, "ci_low": odds_ratio / 2, "ci_high": odds_ratio * 2,
+                "q_value": q_value, "flagged": flagged}
+
+    adjusted = pd.DataFrame([row("model", "a", 3.0, 0.01, True), row("model", "b", 4.0, 0.02, True),
+                             row("model", "c", 1.1, 0.80, False), row("systematic", "", 1.06, 0.96, False)])
+    finding = adjusted_findings(adjusted, models_per_task={"effusion": 3}).iloc[0]
+    assert (finding.odds_ratio, finding.q_value, finding.models_flagged) == (3.0, 0.02, 2)
+    assert finding.or_source == "median over the models' fits" and pd.isna(finding.ci_low)
+    adjusted.loc[3, ["odds_ratio", "ci_low", "q_value", "flagged"]] = [2.5, 1.25, 0.001, True]
+    finding = adjusted_findings(adjusted, models_per_task={"effusion": 3}).iloc[0]
+    assert (finding.odds_ratio, finding.ci_low, finding.or_source) == (2.5, 1.25, "systematic errors")

@@ -68,8 +68,8 @@ def overlaps(first: tuple[str, str], second: tuple[str, str]) -> bool:
 
 def adjusted_findings(adjusted: pd.DataFrame, *, models_per_task: dict[str, int]) -> pd.DataFrame:
     """One row per (task, error, attribute, group) that holds after adjustment: the
-    systematic-error fit's adjusted OR (or the median over the models' fits when that one
-    has no estimate), its q, and how many of the task's models' own fits flag it."""
+    systematic-error fit's adjusted OR where that fit flags it too (else the median over the
+    models' fits and their median q), and how many of the task's models' own fits flag it."""
     keys = ["task", "error", "attribute", "group"]
     per_model = adjusted[adjusted["scope"] == "model"].groupby(keys, sort=False).agg(
         models_flagged=("flagged", "sum"), model_or=("odds_ratio", "median"), model_q=("q_value", "median"))
@@ -80,9 +80,12 @@ def adjusted_findings(adjusted: pd.DataFrame, *, models_per_task: dict[str, int]
     table["models_flagged"] = table["models_flagged"].fillna(0).astype(int)
     holds = 2 * table["models_flagged"] > table["models"]
     table = table[holds].copy()
-    from_models = table["odds_ratio"].isna()
+    # The systematic-error fit speaks for the finding only where it flags it too: an OR of 1.06
+    # with q 0.96 beside "holds after adjustment" would contradict the sentence it stands in.
+    from_models = table["odds_ratio"].isna() | ~table["flagged"].fillna(False).astype(bool)
     table.loc[from_models, "odds_ratio"] = table.loc[from_models, "model_or"]
     table.loc[from_models, "q_value"] = table.loc[from_models, "model_q"]
+    table.loc[from_models, ["ci_low", "ci_high"]] = np.nan  # a median of the fits has no interval of its own
     table["or_source"] = np.where(from_models, "median over the models' fits", "systematic errors")
     table = table.sort_values(["models_flagged", "q_value"], ascending=[False, True], kind="stable")
     return table[keys + ["odds_ratio", "ci_low", "ci_high", "q_value", "or_source", "models_flagged", "models"]
