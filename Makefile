@@ -106,4 +106,4 @@ demo-steps: dirs
 	@echo "report: $(CURDIR)/$(DEMO_REPORT)/index.html"
 
 clean:
-	rm -rf build shards data/phantom weights runs all_pred reports wandb $(DEMO_DIR)
+	rm -rf build shards data/phantom weights runs all_pred reports review wandb $(DEMO_DIR)
