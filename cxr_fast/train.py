@@ -479,8 +479,9 @@ def resume(path: Path, accelerator, model, optimizer, config: Config, data: dict
 
 def epoch_line(config: Config, record: dict, clock: CheckpointClock) -> str:
     if "val_balanced_accuracy" in record:
-        auroc = record["val_auroc"]
-        val = f"val AUROC {auroc if auroc is None else f'{auroc:.3f}'}  bal.acc {record['val_balanced_accuracy']:.3f}"
+        auroc, balanced = record["val_auroc"], record["val_balanced_accuracy"]  # None: undefined (one class)
+        val = (f"val AUROC {auroc if auroc is None else f'{auroc:.3f}'}  "
+               f"bal.acc {balanced if balanced is None else f'{balanced:.3f}'}")
     else:
         val = f"not validated (val_every={config.val_every})"
     return (f"{config.recipe} epoch {record['epoch']}/{config.epochs}: loss {record['train_loss']:.4f}  {val}  "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from types import SimpleNamespace
@@ -213,6 +214,18 @@ def test_a_folder_that_cannot_hold_a_cache_is_decoded_in_memory(shards, monkeypa
     rows = train_rows(shards).head(10)
     loader = make_loader("resident", rows, shards, SETTINGS, device=CPU, batch_size=8)
     assert len(loader) == 10 and "decoding in memory" in capsys.readouterr().err
+
+
+def test_a_disk_that_fills_during_the_build_falls_back_to_decoding_in_memory(shards, monkeypatch, capsys):
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(decoded, "write_at", full)
+    rows = train_rows(shards).head(10)
+    loader = make_loader("resident", rows, shards, SETTINGS, device=CPU, batch_size=8)
+    err = capsys.readouterr().err
+    assert len(loader) == 10 and "no space left on device" in err and "decoding in memory" in err
+    assert not list((shards / "decoded").glob("*.u8*"))  # no cache, no temporary
 
 
 def test_a_shard_that_cannot_be_read_fails_the_build_and_leaves_no_cache(shards, capsys):

@@ -286,3 +286,12 @@ def test_print_config_shows_what_the_run_uses(capsys):
     assert main(["--recipe", "effusion_resnet50", "--print-config", "image_size=128", "batch_size=8"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert (printed["image_size"], printed["batch_size"]) == (128, 8)
+
+
+def test_the_epoch_line_reads_an_undefined_balanced_accuracy(tmp_path):
+    from cxr_fast.train import CheckpointClock, epoch_line
+
+    config = load_config(RECIPE, [f"weights_dir={tmp_path}", "epochs=2"])
+    record = {"epoch": 1, "train_loss": 0.5, "val_auroc": None, "val_balanced_accuracy": None,
+              "images_per_second": 100.0, "data_wait_share": 0.1}
+    assert "val AUROC None  bal.acc None" in epoch_line(config, record, CheckpointClock(every=0, saved_epoch=0))

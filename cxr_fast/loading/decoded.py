@@ -1,7 +1,7 @@
 """The decoded cache: a shard folder's images decoded once per load size, mapped by every run.
 
 `<shards>/decoded/<load>px-<digest>.u8` holds every manifest row (all splits, manifest order)
-as uint8 `[N, 1, L, L]`, decoded by the resident loader's own `decode_rows` (checksums checked). The first
+as uint8 `[N, 1, L, L]`, decoded by `loading.decode.decode_rows` (checksums checked). The first
 run that needs a (shard set, load size) builds it under the shard folder's lock (locks.py),
 to a temporary name that is renamed when complete; every later run, on any rank, maps it:
 start-up is a read, and the processes of a node share one copy in the page cache.
@@ -36,7 +36,7 @@ import pandas as pd
 
 from cxr_fast.errors import CxrError, one_line
 from cxr_fast.io import atomic_path, remove_stale_temporaries
-from cxr_fast.locks import LockHeld, describe, exclusive_lock
+from cxr_fast.locks import LockHeld, describe, exclusive_lock, locks_enabled
 from cxr_fast.schema import DECODED_CACHE_FOLDER
 
 FORMAT_VERSION = 1
@@ -255,12 +255,18 @@ def build_under_lock(path: Path, manifest: pd.DataFrame, shards_dir: Path, load_
     shard that cannot be read stays the error it is."""
     started = time.perf_counter()
     try:
-        if path.parent.is_dir():  # a build killed mid-write (we hold the lock: nobody writes now)
+        # A build killed mid-write left its temporary; holding the lock, nobody else writes now
+        # (with locks off another process may: leave its file alone).
+        if path.parent.is_dir() and locks_enabled():
             remove_stale_temporaries(path.parent)
         build_cache(path, manifest, shards_dir, load_size, digest=digest, device=device, threads=threads)
         remove_superseded(path)
     except OSError as error:
         raise CacheUnwritable(one_line(error, 120)) from error
+    except CxrError as error:  # io.atomic_path reports OS faults as one line: a full or read-only disk
+        if not isinstance(error.__cause__, OSError):
+            raise  # a shard that cannot be read
+        raise CacheUnwritable(str(error)) from error
     print(f"{path}: decoded {len(manifest)} images once for every later run "
           f"({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
 
