@@ -135,3 +135,20 @@ def test_a_finding_the_systematic_fit_does_not_flag_takes_the_models_own_odds_ra
     adjusted.loc[3, ["odds_ratio", "ci_low", "q_value", "flagged"]] = [2.5, 1.25, 0.001, True]
     finding = adjusted_findings(adjusted, models_per_task={"effusion": 3}).iloc[0]
     assert (finding.odds_ratio, finding.ci_low, finding.or_source) == (2.5, 1.25, "systematic errors")
+
+
+def test_a_calibration_line_counts_and_describes_the_metric_it_names():
+    from cxr_fast.analyze.headline import calibration_lines
+
+    def row(arch, metric, direction, gap):
+        return {"task": "effusion", "arch": arch, "attribute": "race", "group": "Black", "metric": metric,
+                "flagged": True, "direction": direction, "gap_overall": gap, "value": 0.5 + gap, "overall": 0.5}
+
+    # All three models flag the slope, one the calibration-in-the-large: the slope is named, for 3 of 3.
+    table = pd.DataFrame([row("a", "slope", "more extreme probabilities", -0.3),
+                          row("b", "slope", "more extreme probabilities", -0.2),
+                          row("c", "slope", "less extreme probabilities", 0.1),
+                          row("a", "citl", "over-predicts risk", 0.05)])
+    (line,) = calibration_lines(table, {"effusion": 3})
+    assert "race = Black (in different directions for different models, 3 of 3 models; calibration slope" in line
+    assert "over-predicts" not in line

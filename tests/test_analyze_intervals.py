@@ -100,3 +100,10 @@ def test_with_no_group_differing_the_flagged_share_stays_within_the_fdr():
     assert tested > 1000
     assert flagged / tested <= fdr
     assert pd.concat(small_p).mean() <= 0.05 + 0.01  # one-sided p-values not anti-conservative
+
+
+def test_below_two_informative_patients_there_is_no_interval_at_all():
+    samples = np.random.default_rng(0).normal(size=(200, 2))
+    low, high = expanded_interval(samples, np.array([1, 5]))
+    assert np.isnan(low[0]) and np.isnan(high[0])  # not the resamples' range
+    assert np.isfinite(low[1]) and low[1] < high[1]

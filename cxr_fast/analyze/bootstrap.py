@@ -90,7 +90,9 @@ def expanded_interval(samples: np.ndarray, informative: np.ndarray, *, level: fl
     the t quantile of the patients that carry the metric brings every metric to 0.95 +- 0.015
     wherever there are at least MIN_INFORMATIVE of them, at no cost beyond the resamples."""
     z = expanded_z(informative, level=level)
-    return quantile_interval(samples, stats.norm.cdf(-z), stats.norm.cdf(z), min_valid=min_valid)
+    low, high = quantile_interval(samples, stats.norm.cdf(-z), stats.norm.cdf(z), min_valid=min_valid)
+    no_interval = ~np.isfinite(z)  # fewer than 2 informative patients: not even the resamples' range
+    return np.where(no_interval, np.nan, low), np.where(no_interval, np.nan, high)
 
 
 def expanded_p_value(z: np.ndarray, informative: np.ndarray, *, one_sided: bool = False) -> np.ndarray:

@@ -13,7 +13,8 @@ of them have the finding. Per model and scope (everybody, then each group):
 
 Every value comes for the point estimate and every patient-level resample of the task
 (Resampled.weights, the rows the other tables use) and goes through the same interval and
-test functions as the subgroup gaps (performance.interval_columns). Cheap at study size:
+test functions as the subgroup gaps (bootstrap.expanded_interval and expanded_p_value, on the
+scope's patients of the rarer class). Cheap at study size:
 - ECE and citl are sums of (p - y) per bin: one column per bin and model, summed per patient
   (bincount) and then over patients with the subject weights (one float32 product per group,
   as the tallies);
@@ -25,8 +26,9 @@ test functions as the subgroup gaps (performance.interval_columns). Cheap at stu
 
 Flags: one Benjamini-Hochberg family for the whole table over the two-sided gap-to-overall
 tests of FLAG_METRICS in groups with >= min_count positives and negatives (as the subgroup
-table's eligibility). ECE is reported, not tested: it is biased upwards in small groups (fewer
-images per bin, more noise), so its gap would test the group's size, not its calibration.
+table's eligibility) and a reliable interval (`ci_reliable`). ECE is reported, not tested: it
+is biased upwards in small groups (fewer images per bin, more noise), so its gap would test
+the group's size, not its calibration.
 The intercept of the joint fit restates citl given the slope: reported, not tested.
 """
 

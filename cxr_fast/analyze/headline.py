@@ -197,24 +197,31 @@ def _unadjusted_lines(subgroups: pd.DataFrame, unadjusted: pd.DataFrame, models_
 
 
 def calibration_lines(calibration: pd.DataFrame, models_per_task: dict[str, int]) -> list[str]:
-    """One line per task with flagged calibration gaps. Named: the groups flagged for more than
-    half of the task's models (as the adjusted findings), those whose calibration-in-the-large
-    differs first (their probabilities mean another risk), then those whose slope differs; most
-    models, then the largest median gap first. The rest are counted."""
+    """One line per task with flagged calibration gaps. Named: the groups whose calibration-in-
+    the-large, else whose slope, is flagged for more than half of the task's models (as the
+    adjusted findings), citl ones first (their probabilities mean another risk); most models,
+    then the largest median gap first. Count, direction and values are the named metric's. The
+    rest are counted."""
     flagged = calibration[calibration["flagged"]]
     lines = []
     for task, rows in flagged.groupby("task", sort=True):
         groups, minority = [], 0
         for (attribute, group), cell in rows.groupby(["attribute", "group"], sort=False):
-            n_flagged = cell["arch"].nunique()
-            if 2 * n_flagged <= models_per_task[task]:
+            by_metric = dict(tuple(cell.groupby("metric")))
+            # Named by a metric most of the task's models flag (citl first: the probabilities
+            # mean another risk, then the slope), and counted and described by that metric alone.
+            named = next((metric for metric in ("citl", "slope") if metric in by_metric
+                          and 2 * by_metric[metric]["arch"].nunique() > models_per_task[task]), None)
+            if named is None:
                 minority += 1
                 continue
-            citl = cell[cell["metric"] == "citl"]
-            main = citl if len(citl) else cell
-            groups.append((len(citl) == 0, -n_flagged, -main["gap_overall"].abs().median(),
-                           f"{_name(attribute, group)} ({main['direction'].mode().iloc[0]}, {n_flagged} of "
-                           f"{models_per_task[task]} models; {METRIC_LABELS[main['metric'].iloc[0]]} "
+            main = by_metric[named]
+            n_flagged = main["arch"].nunique()
+            directions = main["direction"].unique()
+            direction = directions[0] if len(directions) == 1 else "in different directions for different models"
+            groups.append((named != "citl", -n_flagged, -main["gap_overall"].abs().median(),
+                           f"{_name(attribute, group)} ({direction}, {n_flagged} of "
+                           f"{models_per_task[task]} models; {METRIC_LABELS[named]} "
                            f"{_span(main['value'])} vs overall {_span(main['overall'])})"))
         groups.sort(key=lambda g: g[:3])
         shown = [text for *_, text in groups[:MAX_CALIBRATION_GROUPS]]
@@ -259,8 +266,8 @@ def headline(tables: dict[str, pd.DataFrame], *, models_per_task: dict[str, int]
     lines += _unadjusted_lines(subgroups, unadjusted, models_per_task)
     lines += _systematic_lines(systematic, unadjusted, threshold=threshold)
     if not lines:
-        lines.append(f"No group is flagged after adjustment, and no subgroup gap or over-representation among "
-                     f"systematic errors survives Benjamini-Hochberg correction at q = {fdr}.")
+        lines.append(f"No group is flagged after adjustment for most of its task's models, and no subgroup gap or "
+                     f"over-representation among systematic errors survives Benjamini-Hochberg correction at q = {fdr}.")
     lines += calibration_lines(tables["calibration"], models_per_task)
     structured = {"adjusted": findings.to_dict("records"), "explained": explained.to_dict("records"),
                   "unadjusted": unadjusted.to_dict("records")}

@@ -134,6 +134,7 @@ def subgroup_rows(resampled: Resampled, overall_values: np.ndarray, group_values
         frame["ci_reliable"] = reliable(informative[m]).ravel()
         frame["gap_n_informative"] = group_gap.ravel()
         frame["gap_ci_reliable"] = reliable(group_gap).ravel()
+        frame["gap_best_ci_reliable"] = reliable(patients["gap_best"]).ravel()
         frame["overall"] = np.tile(overall[:, 0], len(groups))
         frame["best_group"] = [groups[b][1] if b >= 0 else "" for b in best.ravel()]
         frame["best_value"] = best_values[:, :, 0].ravel()
@@ -149,7 +150,8 @@ _SUBGROUP_COLUMNS = [
     "metric", "value", "ci_low", "ci_high", "n_informative", "ci_reliable", "overall",
     "gap_overall", "gap_overall_ci_low", "gap_overall_ci_high", "gap_n_informative", "gap_ci_reliable",
     "p_gap_overall", "p_harm", "direction",
-    "best_group", "best_value", "gap_best", "gap_best_ci_low", "gap_best_ci_high", "p_gap_best", "note",
+    "best_group", "best_value", "gap_best", "gap_best_ci_low", "gap_best_ci_high", "gap_best_ci_reliable", "p_gap_best",
+    "note",
 ]
 
 

@@ -64,7 +64,7 @@ DEFINITIONS = {
     "subgroup_family": (
         "One Benjamini-Hochberg family for the whole subgroup table: every gap-to-overall test of "
         f"{', '.join(FLAG_METRICS)} over all tasks, models, attributes (sex, age_group, race, view, "
-        "sex x race, sex x age_group) and groups with >= min_count positives and >= min_count negatives. "
+        "sex x race, sex x age_group) and groups with >= min_count positives and >= min_count negatives "
         "and a reliable gap interval (gap_ci_reliable). "
         "Test: one-sided (H0: the group is served no worse than overall), z = gap / bootstrap standard error, "
         "referred to Student's t on the group's informative patients, the expanded CI's scale "
@@ -114,8 +114,9 @@ DEFINITIONS = {
         "bins of [0, 1] (a probability on a bin edge counts in the lower bin). Intervals and tests as for the "
         "subgroup gaps, from the same patient resamples (slope and intercept per resample by one Newton step from "
         "the fit). One Benjamini-Hochberg family for the whole table over the two-sided gap-to-overall tests of "
-        "citl and slope in groups with >= min_count positives and negatives; flagged = q <= fdr. ECE and the "
-        "intercept are reported, not tested (ECE grows as a group shrinks; the intercept restates citl)."
+        "citl and slope in groups with >= min_count positives and negatives and a reliable interval (ci_reliable); "
+        "flagged = q <= fdr. ECE and the intercept are reported, not tested (ECE grows as a group shrinks; the "
+        "intercept restates citl)."
     ),
     "systematic": "An image is systematically misclassified when share of models wrong >= systematic_threshold.",
     "undefined": "AUROC and balanced accuracy are NaN for a group with one class only; PPV/NPV NaN with no predicted positives/negatives.",

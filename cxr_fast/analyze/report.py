@@ -157,7 +157,8 @@ def _subgroup_display(rows: pd.DataFrame) -> pd.DataFrame:
         "gap to overall [95% CI]": [_with_ci(*v) for v in zip(rows["gap_overall"], rows["gap_overall_ci_low"],
                                                                rows["gap_overall_ci_high"], rows["gap_ci_reliable"])],
         "p (harm, 1-sided)": rows["p_harm"], "q": rows["q_value"], "flagged": rows["flagged"],
-        "gap to best [95% CI]": [_with_ci(*v) for v in zip(rows["gap_best"], rows["gap_best_ci_low"], rows["gap_best_ci_high"])],
+        "gap to best [95% CI]": [_with_ci(*v) for v in zip(rows["gap_best"], rows["gap_best_ci_low"], rows["gap_best_ci_high"],
+                                                            rows["gap_best_ci_reliable"])],
         "best group": rows["best_group"], "note": rows["note"],
     })
 
@@ -261,7 +262,8 @@ def _systematic_section(systematic: pd.DataFrame, images: pd.DataFrame, composit
 def _calibration_section(calibration: pd.DataFrame, reliability_uris: dict[str, str]) -> str:
     summary = task_summary(calibration)
     shown = calibration[calibration["attribute"] == "overall"]
-    overall = shown.assign(cell=[_with_ci(*v) for v in zip(shown["value"], shown["ci_low"], shown["ci_high"])]).pivot_table(
+    overall = shown.assign(cell=[_with_ci(*v) for v in zip(shown["value"], shown["ci_low"], shown["ci_high"],
+                                                           shown["ci_reliable"])]).pivot_table(
         index=["task", "arch"], columns="metric", values="cell", aggfunc="first").reset_index()
     overall = overall.rename(columns={"arch": "model", **METRIC_LABELS})
     parts = ["<h2>Calibration</h2>", f"<p>{DEFINITIONS['calibration']}</p>",
@@ -287,9 +289,10 @@ def _calibration_display(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         "model": rows["arch"], "attribute": rows["attribute"], "group": rows["group"], "n": rows["n"],
         "metric": rows["metric"].map(METRIC_LABELS),
-        "value [95% CI]": [_with_ci(*v) for v in zip(rows["value"], rows["ci_low"], rows["ci_high"])],
+        "value [95% CI]": [_with_ci(*v) for v in zip(rows["value"], rows["ci_low"], rows["ci_high"], rows["ci_reliable"])],
         "overall": rows["overall"],
-        "gap to overall [95% CI]": [_with_ci(*v) for v in zip(rows["gap_overall"], rows["gap_overall_ci_low"], rows["gap_overall_ci_high"])],
+        "gap to overall [95% CI]": [_with_ci(*v) for v in zip(rows["gap_overall"], rows["gap_overall_ci_low"],
+                                                               rows["gap_overall_ci_high"], rows["ci_reliable"])],
         "direction": rows["direction"], "q": rows["q_value"], "flagged": rows["flagged"],
     })
 
