@@ -9,11 +9,11 @@ and `--is-finished` ask it too.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
+from cxr_fast.data.integrity import file_sha256
 from cxr_fast.errors import CxrError
 from cxr_fast.schema import MANIFEST_FILE
 
@@ -62,11 +62,7 @@ def data_identity(folder: Path) -> dict:
         stat = manifest.stat()
         key = (str(manifest.resolve()), stat.st_size, stat.st_mtime_ns)
         if key not in _DIGESTS:
-            digest = hashlib.sha256()
-            with open(manifest, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            _DIGESTS[key] = digest.hexdigest()
+            _DIGESTS[key] = file_sha256(manifest)
     except OSError as error:
         raise CxrError(f"{manifest}: cannot be read ({error.strerror})") from None
     return {"shards_dir": str(folder), "digest": _DIGESTS[key]}

@@ -75,13 +75,12 @@ def cache_digest(manifest: pd.DataFrame, shards_dir: Path, load_size: int) -> st
 
 def shard_fingerprints(shards_dir: Path, names) -> dict[str, str]:
     """Each shard's sha256 from meta.json; a shard it does not list, by its size and mtime."""
-    try:
-        listed = json.loads((shards_dir / "meta.json").read_text()).get("shards") or {}
-    except (OSError, ValueError, AttributeError):
-        listed = {}
+    from cxr_fast.data.integrity import shard_records
+
+    listed = shard_records(shards_dir)
     prints = {}
     for name in sorted(names):
-        entry = listed.get(name) if isinstance(listed, dict) else None
+        entry = listed.get(name)
         if isinstance(entry, dict) and entry.get("sha256"):
             prints[name] = entry["sha256"]
         else:
