@@ -9,7 +9,7 @@ from scipy.stats.contingency import odds_ratio
 from sklearn.metrics import (balanced_accuracy_score, cohen_kappa_score, precision_score, recall_score,
                              roc_auc_score)
 
-from cxr_fast.analyze.bootstrap import percentile_interval, subject_counts, wald_p_value
+from cxr_fast.analyze.bootstrap import expanded_p_value, percentile_interval, subject_counts, wald_z
 from cxr_fast.analyze.consistency import error_consistency
 from cxr_fast.analyze.stats import benjamini_hochberg, odds_ratio_woolf
 from cxr_fast.metrics import binary_metrics
@@ -139,11 +139,16 @@ def test_percentile_interval_equals_numpy_and_ignores_nan():
     assert low[0] == pytest.approx(np.nanpercentile(samples[:, 0], 2.5)) and np.isnan(low[1]) and np.isnan(high[1])
 
 
-def test_wald_p_value():
+def test_wald_z_and_its_p_value():
+    """The bootstrap Wald test behind every flag: z = estimate / bootstrap SE; with many
+    informative patients its p on the report's (t) scale is the normal one."""
     rng = np.random.default_rng(4)
     samples = rng.normal(0.1, 0.05, size=(2000, 1))
-    assert wald_p_value(np.array([0.1]), samples)[0] == pytest.approx(2 * stats.norm.sf(2), rel=0.05)
-    assert wald_p_value(np.array([0.0]), np.zeros((100, 1)))[0] == 1.0  # no gap in any resample
+    many = np.array([10 ** 6])
+    z = wald_z(np.array([0.1]), samples)
+    assert expanded_p_value(z, many)[0] == pytest.approx(2 * stats.norm.sf(2), rel=0.05)
+    zero = wald_z(np.array([0.0]), np.zeros((100, 1)))
+    assert expanded_p_value(zero, many)[0] == 1.0  # no gap in any resample
 
 
 def test_subject_counts_are_seeded_resamples_with_replacement():

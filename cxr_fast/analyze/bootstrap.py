@@ -135,11 +135,6 @@ def wald_z(estimate: np.ndarray, samples: np.ndarray, *, min_valid: float = 0.5)
     return np.where(ok, z, np.nan)
 
 
-def wald_p_value(estimate: np.ndarray, samples: np.ndarray, *, min_valid: float = 0.5) -> np.ndarray:
-    """Two-sided p-value for estimate == 0 from the bootstrap standard error (see wald_z)."""
-    return 2 * stats.norm.sf(np.abs(wald_z(estimate, samples, min_valid=min_valid)))
-
-
 def point_and_resamples(*, subject_index: np.ndarray, n_resamples: int, seed: int, task: str) -> np.ndarray:
     """(1 + n_resamples, n_images): row 0 is all ones (the point estimate), then the resamples.
 
