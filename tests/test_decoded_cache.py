@@ -313,15 +313,16 @@ def _agree(rank: int, store: str, results: str) -> None:
         second = "ran"
     except CxrError as error:
         second = str(error)
+    world = dist.get_world_size()
     dist.destroy_process_group()
     with open(f"{results}.{rank}", "w") as handle:
-        handle.write(f"{first}|{second}")
+        handle.write(f"{world}|{first}|{second}")
 
 
 @pytest.mark.slow
 def test_under_two_processes_every_process_uses_the_main_process_tier(tmp_path):
     torch.multiprocessing.spawn(_agree, args=(str(tmp_path / "store"), str(tmp_path / "result")), nprocs=2,
                                 join=True)
-    assert (tmp_path / "result.0").read_text() == "resident|fits nowhere"
-    assert (tmp_path / "result.1").read_text() == ("resident|the main process found no loader that fits "
+    assert (tmp_path / "result.0").read_text() == "2|resident|fits nowhere"  # the world size each process got
+    assert (tmp_path / "result.1").read_text() == ("2|resident|the main process found no loader that fits "
                                                    "(its message says why)")
