@@ -21,6 +21,10 @@ METRICS: tuple[str, ...] = (
 # spells them out because "who is missed" reads better as a miss rate).
 MODEL_METRICS: tuple[str, ...] = METRICS[:7]
 
+# The metrics that are a share of images (a binomial proportion, clustered by patient): their
+# intervals are Wilson's (analyze.bootstrap.wilson_interval); AUROC and balanced accuracy are not.
+PROPORTIONS: tuple[str, ...] = ("prevalence", "sensitivity", "specificity", "ppv", "npv", "fnr", "fpr")
+
 # +1: larger is better, -1: smaller is better, 0: no direction (prevalence is not a quality).
 DIRECTION: dict[str, int] = {
     "prevalence": 0, "auroc": 1, "balanced_accuracy": 1, "sensitivity": 1, "specificity": 1,

@@ -37,7 +37,8 @@ def test_statistics_are_the_group_numbers_computed_directly():
     assert values["sensitivity"][0] == pytest.approx(sensitivity(in_group))
     assert values["gap_fnr"][0] == pytest.approx(sensitivity(np.ones_like(in_group)) - sensitivity(in_group))
     patients_with = lambda rows: np.unique(data.subject_index[in_group & rows]).size  # noqa: E731
-    assert patients["sensitivity"] == min(patients_with(label & pred), patients_with(label & ~pred))
+    assert patients["sensitivity"] == patients["gap_fnr"] == patients_with(label)
+    assert patients["npv"] == patients_with(~pred)
     assert patients["auroc"] == min(patients_with(label), patients_with(~label))
     assert all(row.shape == (21,) for row in values.values())
 
@@ -48,8 +49,22 @@ def test_a_tiny_cell_is_summarised_and_rendered():
     for row in cell["statistics"].values():
         assert 0 <= row["defined_share"] <= 1 and row["reliable_share"] <= row["defined_share"]
         assert row["percentile"] is None or 0 <= row["percentile"] <= 1
-        assert sum(n for n, _ in row["expanded_by_patients"].values()) == round(row["defined_share"] * 4)
+        assert sum(n for n, _ in row["report_by_patients"].values()) == round(row["defined_share"] * 4)
     result = {"cells": [cell]}
     table = bench.markdown_table(result)
     assert all(f"| {name} | 60 | 35% |" in table for name in bench.STATISTICS)
     assert set(bench.pooled_by_patients(result)) == set(bench.STATISTICS)
+
+
+def test_the_benchmark_scores_the_reports_own_intervals():
+    from cxr_fast.analyze.performance import value_interval
+    from cxr_fast.metrics import METRICS
+
+    rng = np.random.default_rng(2)
+    rows = np.vstack([np.full((1, len(METRICS)), 0.8), rng.normal(0.8, 0.05, (300, len(METRICS)))])  # estimate, resamples
+    patients = np.full(len(METRICS), 30)
+    low, high = value_interval(rows[0], rows[1:], patients, level=0.95)
+    for name in ("sensitivity", "npv", "auroc", "balanced_accuracy"):
+        k = METRICS.index(name)
+        bench_low, bench_high = bench.report_interval(name, rows[:, k], np.array([30]))
+        assert (bench_low[0], bench_high[0]) == pytest.approx((low[k], high[k]), rel=1e-12)

@@ -1,6 +1,7 @@
-"""The report's intervals: the percentile interval widened to a t quantile on the patients a
-number rests on, p-values on the same scale, and an unreliable mark where too few patients carry
-it. Their coverage is measured by cxr_fast.analyze.coverage_bench (make bench)."""
+"""The report's intervals: Wilson's on the effective sample size for a proportion, the percentile
+interval widened to a t quantile on the patients a number rests on for the rest, p-values on the
+same scale, and an unreliable mark where too few patients carry it. Their coverage is measured by
+cxr_fast.analyze.coverage_bench (make bench)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from scipy import stats
 
 from cxr_fast.analyze import consistency_table, model_table, subgroup_table
 from cxr_fast.analyze.bootstrap import (MIN_INFORMATIVE, expanded_interval, expanded_p_value, expanded_z,
-                                        percentile_interval)
-from cxr_fast.analyze.resampled import gap_informative_patients, informative_patients, resampled_tasks
-from cxr_fast.metrics import METRICS
+                                        percentile_interval, wilson_interval)
+from cxr_fast.analyze.performance import value_interval
+from cxr_fast.analyze.resampled import informative_patients, resampled_tasks
+from cxr_fast.metrics import METRICS, PROPORTIONS
 from pred_fixtures import simulate_predictions
 
 
@@ -46,25 +48,53 @@ def predictions() -> pd.DataFrame:
     return frame.assign(source=frame["recipe"])
 
 
-def test_informative_patients_are_the_patients_with_the_rarer_outcome(predictions):
+def test_informative_patients_are_the_patients_in_the_metrics_denominator(predictions):
     (resampled,) = resampled_tasks(predictions=predictions, n_bootstrap=5, seed=0)
     data, counts = resampled.data, informative_patients(resampled.tallies)        # (M, S, K)
-    gap_counts = gap_informative_patients(resampled.tallies)
     for s, positions in enumerate(resampled.scopes):
         subject, label = data.subject_index[positions], data.label[positions]
         patients = lambda rows: np.unique(subject[rows]).size  # noqa: E731
         assert resampled.tallies.patients["erring"][s] == patients((~data.correct[:, positions]).any(axis=0))
+        both = min(patients(label), patients(~label))
         for m in range(len(data.archs)):
             pred = data.pred[m, positions]
-            tp, fn, fp, tn = (patients(label & pred), patients(label & ~pred), patients(~label & pred),
-                              patients(~label & ~pred))
-            expected = {"prevalence": min(patients(label), patients(~label)), "sensitivity": min(tp, fn),
-                        "fnr": min(tp, fn), "specificity": min(tn, fp), "fpr": min(tn, fp), "ppv": min(tp, fp),
-                        "npv": min(tn, fn), "auroc": min(patients(label), patients(~label)),
-                        "balanced_accuracy": min(tp, fn, tn, fp)}
+            expected = {"prevalence": both, "auroc": both, "balanced_accuracy": both,
+                        "sensitivity": patients(label), "fnr": patients(label), "specificity": patients(~label),
+                        "fpr": patients(~label), "ppv": patients(pred), "npv": patients(~pred)}
             assert dict(zip(METRICS, counts[m, s].tolist())) == expected
-            gap = dict(zip(METRICS, gap_counts[m, s].tolist()))  # a gap: the metric's denominator patients
-            assert (gap["fnr"], gap["fpr"], gap["npv"]) == (patients(label), patients(~label), patients(~pred))
+
+
+def test_wilson_interval_is_statsmodels_wilson_at_the_effective_sample_size():
+    from statsmodels.stats.proportion import proportion_confint
+
+    rng = np.random.default_rng(3)
+    estimate = np.array([0.3, 0.92, 0.0, 1.0])
+    samples = np.column_stack([rng.normal(0.3, 0.05, 3000), rng.normal(0.92, 0.03, 3000),
+                               np.zeros(3000), np.ones(3000)])
+    patients = np.array([40, 40, 25, 60])
+    low, high = wilson_interval(estimate, samples, patients)
+    n_eff = np.r_[estimate[:2] * (1 - estimate[:2]) / samples[:, :2].var(axis=0, ddof=1), patients[2:]]
+    for j in range(4):
+        expected = proportion_confint(estimate[j] * n_eff[j], n_eff[j], alpha=0.05, method="wilson")
+        np.testing.assert_allclose([low[j], high[j]], expected, rtol=1e-9, atol=1e-12)
+    # A proportion of 0 or 1 still gets an interval that reaches into (0, 1) on its patients.
+    assert low[2] == pytest.approx(0, abs=1e-12) and 0 < high[2] < 0.2 and 0.9 < low[3] < 1 and high[3] == pytest.approx(1)
+    one_patient = wilson_interval(np.array([0.5]), samples[:, :1], np.array([1]))
+    assert np.isnan(one_patient).all()
+
+
+def test_a_sensitivity_without_a_missed_patient_gets_a_reliable_interval_below_one(predictions):
+    """40 patients with a positive image, none missed: the old rule (the rarer outcome's
+    patients, here 0) printed no interval at all; the estimate of 1 is uncertain all the same."""
+    samples = np.ones((200, len(METRICS)))
+    estimate = np.ones(len(METRICS))
+    patients = np.full(len(METRICS), 40)
+    low, high = value_interval(estimate, samples, patients, level=0.95)
+    sensitivity = METRICS.index("sensitivity")
+    assert 0.85 < low[sensitivity] < 1 and high[sensitivity] == 1
+    proportion = np.isin(METRICS, PROPORTIONS)
+    assert np.isfinite(low[proportion]).all()
+    np.testing.assert_array_equal(low[~proportion], 1.0)  # AUROC, balanced accuracy: the percentile interval
 
 
 def test_intervals_on_too_few_patients_are_marked_unreliable_and_never_tested(predictions):
@@ -72,10 +102,9 @@ def test_intervals_on_too_few_patients_are_marked_unreliable_and_never_tested(pr
     few = table["n_informative"] < MIN_INFORMATIVE
     assert few.any() and (~few).any()
     assert (table["ci_reliable"] == ~few).all()
-    few_for_gap = table["gap_n_informative"] < MIN_INFORMATIVE
-    assert few_for_gap.any() and (table["gap_ci_reliable"] == ~few_for_gap).all()
-    assert not table.loc[few_for_gap, "tested"].any()
-    assert table.loc[~few_for_gap & table["metric"].isin(["fnr", "auroc"]) & table["p_harm"].notna(), "tested"].all()
+    assert not table.loc[few, "tested"].any()
+    assert table.loc[~few & table["eligible"] & table["metric"].isin(["fnr", "auroc"]) & table["p_harm"].notna(),
+                     "tested"].all()
     models = model_table(predictions=predictions, n_bootstrap=60)
     assert (models["ci_reliable"] == (models["n_informative"] >= MIN_INFORMATIVE)).all()
     assert models.loc[models["metric"] == "auroc", "ci_reliable"].all()  # 700 images: AUROC rests on many

@@ -95,6 +95,34 @@ def expanded_interval(samples: np.ndarray, informative: np.ndarray, *, level: fl
     return np.where(no_interval, np.nan, low), np.where(no_interval, np.nan, high)
 
 
+def wilson_interval(estimate: np.ndarray, samples: np.ndarray, informative: np.ndarray, *, level: float = 0.95,
+                    min_valid: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """The report's CI of a proportion (sensitivity, specificity, PPV, NPV, FNR, FPR,
+    prevalence): Wilson's score interval at the effective sample size n_eff = p (1 - p) /
+    (the bootstrap variance of p), i.e. the images discounted by the patients' clustering
+    (the design effect, as survey statistics does: Korn and Graubard). `estimate` is the
+    point estimate (broadcast to samples.shape[1:]); an estimate of 0 or 1, whose resamples
+    cannot vary, uses the `informative` (denominator) patients as n_eff.
+
+    Why (cxr_fast.analyze.coverage_bench, DECISIONS.md): a percentile interval of a proportion
+    near 0 or 1 collapses onto the few patients with the rarer outcome (NPV with 11 patients
+    with a false negative covered 0.92), and widening it to a t quantile on those patients
+    over-covered (0.97-0.99). Wilson's interval bends towards 1/2 by itself. NaN below 2
+    informative patients and where fewer than `min_valid` resamples are defined."""
+    samples = np.asarray(samples, dtype=float)
+    p = np.broadcast_to(np.asarray(estimate, dtype=float), samples.shape[1:])
+    n = np.asarray(informative, dtype=float)
+    variance, n_finite = bootstrap_variance(samples)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n_eff = np.where(variance > 0, p * (1 - p) / variance, n)
+        n_eff = np.where(n_eff > 0, n_eff, n)
+        z = stats.norm.ppf(1 - (1 - level) / 2)
+        centre = (p + z * z / (2 * n_eff)) / (1 + z * z / n_eff)
+        half = z * np.sqrt(p * (1 - p) / n_eff + z * z / (4 * n_eff * n_eff)) / (1 + z * z / n_eff)
+    ok = np.isfinite(p) & (n >= 2) & (n_finite >= max(1, min_valid * samples.shape[0]))
+    return np.where(ok, np.clip(centre - half, 0.0, 1.0), np.nan), np.where(ok, np.clip(centre + half, 0.0, 1.0), np.nan)
+
+
 def expanded_p_value(z: np.ndarray, informative: np.ndarray, *, one_sided: bool = False) -> np.ndarray:
     """p-value of a bootstrap Wald z (wald_z) on expanded_interval's scale: |z| shrunk by
     sqrt((n - 1) / n) against Student's t with n - 1 degrees of freedom, so that a two-sided
@@ -113,6 +141,17 @@ def reliable(informative: np.ndarray) -> np.ndarray:
     return np.asarray(informative) >= MIN_INFORMATIVE
 
 
+def bootstrap_variance(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The variance over the finite resamples along axis 0 (n - 1 in the denominator), and how
+    many resamples are finite."""
+    finite = np.isfinite(samples)
+    n_finite = finite.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(finite, samples, 0.0).sum(axis=0) / np.maximum(n_finite, 1)
+        variance = (np.where(finite, samples - mean, 0.0) ** 2).sum(axis=0) / np.maximum(n_finite - 1, 1)
+    return variance, n_finite
+
+
 def wald_z(estimate: np.ndarray, samples: np.ndarray, *, min_valid: float = 0.5) -> np.ndarray:
     """z = estimate / bootstrap standard error (NaN resamples ignored; NaN when fewer than
     `min_valid` resamples are defined). A statistic that is exactly 0 in the estimate and in
@@ -124,11 +163,8 @@ def wald_z(estimate: np.ndarray, samples: np.ndarray, *, min_valid: float = 0.5)
     """
     samples = np.asarray(samples, dtype=float)
     estimate = np.asarray(estimate, dtype=float)
-    finite = np.isfinite(samples)
-    n_finite = finite.sum(axis=0)
+    variance, n_finite = bootstrap_variance(samples)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(finite, samples, 0.0).sum(axis=0) / np.maximum(n_finite, 1)
-        variance = (np.where(finite, samples - mean, 0.0) ** 2).sum(axis=0) / np.maximum(n_finite - 1, 1)
         z = estimate / np.sqrt(variance)
     z = np.where((variance == 0) & (estimate == 0), 0.0, z)
     ok = np.isfinite(estimate) & (n_finite >= max(2, min_valid * samples.shape[0])) & np.isfinite(z)

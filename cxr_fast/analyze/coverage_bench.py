@@ -12,7 +12,8 @@ The truth is the superpopulation value, computed once per cell on 2 million imag
 Every replicate runs the report's own arithmetic on the report's own resamples (subject
 weights, the AUROC kernel and the weighted tallies of cxr_fast.analyze.resampled, the
 intervals of cxr_fast.analyze.bootstrap), and records whether the plain percentile interval
-(before) and the expanded interval (after) hold the truth, and whether the analysis would call
+(before) and the report's interval (after: Wilson's for a proportion, the expanded percentile interval
+for the rest) hold the truth, and whether the analysis would call
 that interval reliable. Written to benchmarks/results/analyze-coverage-<machine>-<date>.json;
 the table in BENCHMARKS.md comes from it.
 """
@@ -31,20 +32,20 @@ from pathlib import Path
 import numpy as np
 from scipy import optimize
 
-from cxr_fast.analyze.bootstrap import expanded_interval, percentile_interval, reliable, subject_weights
+from cxr_fast.analyze.bootstrap import expanded_interval, percentile_interval, reliable, subject_weights, wilson_interval
 from cxr_fast.analyze.consistency import kappa_arrays, kappa_from_sums
 from cxr_fast.analyze.inputs import TaskData
 from cxr_fast.analyze.parallel import workers
-from cxr_fast.analyze.resampled import Resampled, gap_informative_patients, informative_patients, metric_values
+from cxr_fast.analyze.resampled import Resampled, informative_patients, metric_values
 from cxr_fast.io import write_json
-from cxr_fast.metrics import METRICS, metric_matrix
+from cxr_fast.metrics import METRICS, PROPORTIONS, metric_matrix
 
 RESULTS = Path("benchmarks/results")
 GROUP_SIZES = (60, 120, 600, 3000)
 PREVALENCES = (0.02, 0.10, 0.35)
 REST_PATIENTS = 600
 TRUTH_PATIENTS = 400_000  # per part (group, rest): about 1 million images each
-METHODS = ("percentile", "expanded")
+METHODS = ("percentile", "report")
 
 # The generative model (logit / score units).
 LABEL_EFFECT = 1.0      # sd of the patient effect on the label's logit
@@ -105,8 +106,7 @@ def statistics(resampled: Resampled) -> tuple[dict[str, np.ndarray], dict[str, f
                              tallies.agreeing[s])["kappa"][:, 0] for s in (0, 1)]
     values["kappa"], values["gap_kappa"] = kappa[1], kappa[1] - kappa[0]
     patients = {name: float(informative[at[name]]) for name in STATISTICS[:6]}
-    gap_patients = gap_informative_patients(resampled.tallies)[0, 1]
-    patients |= {"gap_fnr": float(gap_patients[at["fnr"]]), "gap_auroc": float(gap_patients[at["auroc"]]),
+    patients |= {"gap_fnr": float(informative[at["fnr"]]), "gap_auroc": float(informative[at["auroc"]]),
                  "kappa": float(tallies.patients["erring"][1]), "gap_kappa": float(tallies.patients["erring"][1])}
     return values, patients
 
@@ -148,17 +148,17 @@ def run_cell(n_group: int, prevalence: float, *, replicates: int, bootstrap: int
     rng = np.random.default_rng([seed, n_group, round(prevalence * 1000)])
     intercept = label_intercept(prevalence)
     tally = {name: {"defined": 0, "reliable": 0, **{f"covered_{m}": 0 for m in METHODS},
-                    "covered_expanded_reliable": 0, "patients": [], "covered": []} for name in STATISTICS}
+                    "covered_report_reliable": 0, "patients": [], "covered": []} for name in STATISTICS}
     for replicate in range(replicates):
         data = draw_task(rng, n_group, intercept=intercept)
         weights = subject_weights(n_subjects=data.n_subjects, n_resamples=bootstrap, seed=replicate, task=data.task)
         values, patients = statistics(Resampled(data=data, groups=cell_groups(data, n_group), weights=weights))
         for name, row in values.items():
-            summary = cell_outcome(row, patients[name], target[name])
+            summary = cell_outcome(name, row, patients[name], target[name])
             counts = tally[name]
             if summary["defined"]:
                 counts["patients"].append(patients[name])
-                counts["covered"].append(summary["covered_expanded"])
+                counts["covered"].append(summary["covered_report"])
             for key, hit in summary.items():
                 counts[key] += hit
     return {"group_patients": n_group, "prevalence": prevalence, "replicates": replicates,
@@ -166,13 +166,23 @@ def run_cell(n_group: int, prevalence: float, *, replicates: int, bootstrap: int
             "statistics": {name: summarize(counts, replicates) for name, counts in tally.items()}}
 
 
-def cell_outcome(row: np.ndarray, patients: float, target: float) -> dict[str, bool]:
+def report_interval(name: str, row: np.ndarray, informative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The report's interval of statistic `name` from its row (estimate, resamples), as
+    performance.value_interval and the gap and kappa tables make it: Wilson's for a
+    proportion's value, the expanded percentile interval for the rest."""
+    if name in PROPORTIONS:
+        return wilson_interval(row[:1], row[1:, None], informative)
+    return expanded_interval(row[1:, None], informative)
+
+
+def cell_outcome(name: str, row: np.ndarray, patients: float, target: float) -> dict[str, bool]:
     """Whether the estimate is defined, the interval reliable, and each interval covers."""
-    samples, informative = row[1:, None], np.array([patients])
+    informative = np.array([patients])
     outcome = {"defined": bool(np.isfinite(row[0])), "reliable": bool(np.isfinite(row[0]) and reliable(informative)[0])}
-    for method, (low, high) in (("percentile", percentile_interval(samples)), ("expanded", expanded_interval(samples, informative))):
+    for method, (low, high) in (("percentile", percentile_interval(row[1:, None])),
+                                ("report", report_interval(name, row, informative))):
         outcome[f"covered_{method}"] = bool(outcome["defined"] and low[0] <= target <= high[0])
-    outcome["covered_expanded_reliable"] = outcome["reliable"] and outcome["covered_expanded"]
+    outcome["covered_report_reliable"] = outcome["reliable"] and outcome["covered_report"]
     return outcome
 
 
@@ -184,12 +194,12 @@ def summarize(counts: dict, replicates: int) -> dict[str, float]:
     bins = np.digitize(patients, INFORMATIVE_BINS)
     return {"defined_share": round(defined / replicates, 4), "reliable_share": round(reliable_count / replicates, 4),
             "median_patients": float(np.median(patients)) if patients.size else None,
-            # Coverage of the expanded interval by informative patients: [replicates, covered] per bin.
-            "expanded_by_patients": {_bin_name(b): [int((bins == b).sum()), int(covered[bins == b].sum())]
+            # Coverage of the report's interval by informative patients: [replicates, covered] per bin.
+            "report_by_patients": {_bin_name(b): [int((bins == b).sum()), int(covered[bins == b].sum())]
                                      for b in np.unique(bins)},
             "percentile": share(counts["covered_percentile"], defined),
-            "expanded": share(counts["covered_expanded"], defined),
-            "expanded_reliable": share(counts["covered_expanded_reliable"], reliable_count)}
+            "report": share(counts["covered_report"], defined),
+            "report_reliable": share(counts["covered_report_reliable"], reliable_count)}
 
 
 INFORMATIVE_BINS = (2, 5, 10, 20, 50)  # lower ends: 0-1, 2-4, 5-9, 10-19, 20-49, 50+ informative patients
@@ -201,12 +211,12 @@ def _bin_name(index: int) -> str:
 
 
 def pooled_by_patients(result: dict) -> dict[str, dict[str, float]]:
-    """Coverage of the expanded interval per informative-patient bin, every cell pooled: where
+    """Coverage of the report's interval per informative-patient bin, every cell pooled: where
     the reliability rule (bootstrap.MIN_INFORMATIVE) has to draw its line."""
     pooled: dict[str, dict[str, list[int]]] = {}
     for cell in result["cells"]:
         for name, row in cell["statistics"].items():
-            for bin_name, (n, hits) in row["expanded_by_patients"].items():
+            for bin_name, (n, hits) in row["report_by_patients"].items():
                 total = pooled.setdefault(name, {}).setdefault(bin_name, [0, 0])
                 total[0], total[1] = total[0] + n, total[1] + hits
     return {name: {b: round(hits / n, 3) for b, (n, hits) in sorted(bins.items(), key=lambda kv: int(kv[0].split("-")[0].rstrip("+")))}
@@ -214,16 +224,16 @@ def pooled_by_patients(result: dict) -> dict[str, dict[str, float]]:
 
 
 def markdown_table(result: dict) -> str:
-    """Coverage per statistic, group size and prevalence: percentile (before) -> expanded
-    (after, over the replicates it calls reliable); `unreliable` where most are not."""
+    """Coverage per statistic, group size and prevalence: percentile (before) -> the report's
+    interval (after, and over the replicates it calls reliable); `unreliable` where most are not."""
     lines = ["| statistic | patients | prevalence | defined | median informative patients | percentile (before) "
-             "| expanded (after) | after, reliable only | reliable |", "|---|---|---|---|---|---|---|---|---|"]
+             "| report's (after) | after, reliable only | reliable |", "|---|---|---|---|---|---|---|---|---|"]
     for name in STATISTICS:
         for cell in result["cells"]:
             row = cell["statistics"][name]
-            after = "unreliable" if row["reliable_share"] < 0.5 else _share(row["expanded_reliable"])
+            after = "unreliable" if row["reliable_share"] < 0.5 else _share(row["report_reliable"])
             lines.append(f"| {name} | {cell['group_patients']} | {cell['prevalence']:.0%} | {row['defined_share']:.0%} "
-                         f"| {row['median_patients']:.0f} | {_share(row['percentile'])} | {_share(row['expanded'])} "
+                         f"| {row['median_patients']:.0f} | {_share(row['percentile'])} | {_share(row['report'])} "
                          f"| {after} | {row['reliable_share']:.0%} |")
     return "\n".join(lines)
 
@@ -255,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(time.perf_counter() - start, 1), "steal_share": _steal_share(steal_before, _cpu_jiffies()),
         "bootstrap": args.bootstrap, "rest_patients": REST_PATIENTS, "level": 0.95, "cells": results,
     }
-    result["expanded_by_patients"] = pooled_by_patients(result)
+    result["report_by_patients"] = pooled_by_patients(result)
     suffix = f"-{args.name}" if args.name else ""
     path = Path(args.results) / f"analyze-coverage-{platform.node()}-{datetime.date.today().isoformat()}{suffix}.json"
     write_json(path, result)

@@ -12,13 +12,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cxr_fast.analyze.bootstrap import expanded_interval, expanded_p_value, reliable, wald_z
+from cxr_fast.analyze.bootstrap import expanded_interval, expanded_p_value, reliable, wald_z, wilson_interval
 from cxr_fast.analyze.inputs import TaskData
-from cxr_fast.analyze.resampled import (Resampled, gap_informative_patients, informative_patients, metric_values,
+from cxr_fast.analyze.resampled import (Resampled, informative_patients, metric_values,
                                         resampled_tasks)
 from cxr_fast.analyze.stats import benjamini_hochberg
 from cxr_fast.analyze.parallel import blas_single_threaded
-from cxr_fast.metrics import DIRECTION, METRICS, MODEL_METRICS
+from cxr_fast.metrics import DIRECTION, METRICS, MODEL_METRICS, PROPORTIONS
 
 # Gaps (group vs overall) that can raise a flag. Together they say "misses more of this
 # group's positives" (FNR), "raises more false alarms" (FPR), "is worse at the operating
@@ -54,7 +54,7 @@ def subgroup_table(
     Multiple testing: ONE Benjamini-Hochberg family per table over `p_harm` = every
     gap-to-overall test of a metric in `flag_metrics`, over all tasks, models, attributes and
     groups, restricted to groups with >= min_count positives and >= min_count negatives and a
-    reliable gap interval (`gap_ci_reliable`; others are reported with `tested` False). Flagged = q_value <= fdr.
+    reliable interval (`ci_reliable`, the group's value and gap rest on the same patients; others are reported with `tested` False). Flagged = q_value <= fdr.
     Why one-sided: only harm is a finding to act on, and two-sided p-values of groups doing
     *better* (small groups with a near-zero error rate have a small bootstrap SE) would
     otherwise fill the BH ranking and lower the bar for everything else.
@@ -66,7 +66,7 @@ def subgroup_table(
 
 def flag_subgroups(table: pd.DataFrame, *, fdr: float, flag_metrics: tuple[str, ...] = FLAG_METRICS) -> pd.DataFrame:
     """Add tested / q_value / flagged: one BH family over the whole (all tasks) table."""
-    table["tested"] = (table["eligible"] & table["gap_ci_reliable"] & table["metric"].isin(flag_metrics)
+    table["tested"] = (table["eligible"] & table["ci_reliable"] & table["metric"].isin(flag_metrics)
                        & table["p_harm"].notna())
     table["q_value"] = benjamini_hochberg(table["p_harm"].where(table["tested"]).to_numpy(float))
     table["flagged"] = table["tested"] & (table["q_value"] <= fdr) & (table["direction"] == "worse")
@@ -78,7 +78,7 @@ def model_rows(resampled: Resampled, overall: np.ndarray, *, level: float) -> pd
     data = resampled.data
     counts = _counts(data, np.arange(data.label.size))
     informative = informative_patients(resampled.tallies)[:, 0]                          # (M, K)
-    low, high = expanded_interval(np.moveaxis(overall[:, :, 1:], 2, 0), informative, level=level)   # (M, K)
+    low, high = value_interval(overall[:, :, 0], np.moveaxis(overall[:, :, 1:], 2, 0), informative, level=level)  # (M, K)
     keep = np.isin(METRICS, MODEL_METRICS)
     n_models, n_metrics = len(data.archs), int(keep.sum())
     frame = pd.DataFrame({
@@ -117,7 +117,6 @@ def subgroup_rows(resampled: Resampled, overall_values: np.ndarray, group_values
     eligible = group_info["eligible"].to_numpy()[:: len(METRICS)]
     attributes = np.array([attribute for attribute, _, _ in groups])
     informative = informative_patients(resampled.tallies)[:, 1:]                         # (M, G, K)
-    gap_informative = gap_informative_patients(resampled.tallies)[:, 1:]                 # (M, G, K)
     frames = []
     for m, (arch, recipe) in enumerate(zip(data.archs, data.recipes)):
         overall, values = overall_values[m], group_values[m]                               # (K, R), (G, K, R)
@@ -126,14 +125,12 @@ def subgroup_rows(resampled: Resampled, overall_values: np.ndarray, group_values
         best_values = np.where((best >= 0)[:, :, None], values[at_best], np.nan)
         # A gap to overall rests on the group's patients (the overall has many more); a gap
         # to best on the fewer of the two groups'.
-        group_gap = gap_informative[m]
-        patients = {"value": informative[m], "gap_overall": group_gap,
-                    "gap_best": np.where(best >= 0, np.minimum(group_gap, group_gap[at_best]), group_gap)}
+        group = informative[m]
+        patients = {"value": group, "gap_overall": group,
+                    "gap_best": np.where(best >= 0, np.minimum(group, group[at_best]), group)}
         frame = _rows(values, values - overall[None], values - best_values, patients, level=level)
-        frame["n_informative"] = informative[m].ravel()
-        frame["ci_reliable"] = reliable(informative[m]).ravel()
-        frame["gap_n_informative"] = group_gap.ravel()
-        frame["gap_ci_reliable"] = reliable(group_gap).ravel()
+        frame["n_informative"] = group.ravel()
+        frame["ci_reliable"] = reliable(group).ravel()
         frame["gap_best_ci_reliable"] = reliable(patients["gap_best"]).ravel()
         frame["overall"] = np.tile(overall[:, 0], len(groups))
         frame["best_group"] = [groups[b][1] if b >= 0 else "" for b in best.ravel()]
@@ -148,7 +145,7 @@ def subgroup_rows(resampled: Resampled, overall_values: np.ndarray, group_values
 _SUBGROUP_COLUMNS = [
     "task", "arch", "recipe", "attribute", "group", "n", "n_subjects", "n_pos", "n_neg", "eligible",
     "metric", "value", "ci_low", "ci_high", "n_informative", "ci_reliable", "overall",
-    "gap_overall", "gap_overall_ci_low", "gap_overall_ci_high", "gap_n_informative", "gap_ci_reliable",
+    "gap_overall", "gap_overall_ci_low", "gap_overall_ci_high",
     "p_gap_overall", "p_harm", "direction",
     "best_group", "best_value", "gap_best", "gap_best_ci_low", "gap_best_ci_high", "gap_best_ci_reliable", "p_gap_best",
     "note",
@@ -177,7 +174,10 @@ def _rows(values: np.ndarray, gap_overall: np.ndarray, gap_best: np.ndarray, pat
     for prefix, array in (("", values), ("gap_overall", gap_overall), ("gap_best", gap_best)):
         samples = np.moveaxis(array[:, :, 1:], 2, 0)
         informative = patients[prefix or "value"]
-        low, high = expanded_interval(samples, informative, level=level)
+        if prefix:
+            low, high = expanded_interval(samples, informative, level=level)
+        else:
+            low, high = value_interval(array[:, :, 0], samples, informative, level=level)
         name = prefix or "value"
         columns[name] = array[:, :, 0].ravel()
         columns[f"{prefix}_ci_low" if prefix else "ci_low"] = low.ravel()
@@ -190,6 +190,20 @@ def _rows(values: np.ndarray, gap_overall: np.ndarray, gap_best: np.ndarray, pat
                 harm_z = np.where(_DIRECTION == 0, np.nan, -_DIRECTION * z)
                 columns["p_harm"] = expanded_p_value(harm_z, informative, one_sided=True).ravel()
     return pd.DataFrame(columns)
+
+
+_PROPORTION = np.isin(METRICS, PROPORTIONS)
+
+
+def value_interval(estimate: np.ndarray, samples: np.ndarray, informative: np.ndarray, *, level: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The CI of every METRIC's value (METRICS on the last axis; samples with the resamples
+    first): Wilson's interval on the effective sample size for a proportion, the expanded
+    percentile interval for AUROC and balanced accuracy (bootstrap.py; chosen by
+    coverage_bench, DECISIONS.md). Gaps between groups keep the expanded interval."""
+    low, high = expanded_interval(samples, informative, level=level)
+    wilson_low, wilson_high = wilson_interval(estimate, samples, informative, level=level)
+    return np.where(_PROPORTION, wilson_low, low), np.where(_PROPORTION, wilson_high, high)
 
 
 def _harm_direction(table: pd.DataFrame) -> np.ndarray:

@@ -155,7 +155,7 @@ def _subgroup_display(rows: pd.DataFrame) -> pd.DataFrame:
         "value [95% CI]": [_with_ci(*v) for v in zip(rows["value"], rows["ci_low"], rows["ci_high"], rows["ci_reliable"])],
         "overall": rows["overall"],
         "gap to overall [95% CI]": [_with_ci(*v) for v in zip(rows["gap_overall"], rows["gap_overall_ci_low"],
-                                                               rows["gap_overall_ci_high"], rows["gap_ci_reliable"])],
+                                                               rows["gap_overall_ci_high"], rows["ci_reliable"])],
         "p (harm, 1-sided)": rows["p_harm"], "q": rows["q_value"], "flagged": rows["flagged"],
         "gap to best [95% CI]": [_with_ci(*v) for v in zip(rows["gap_best"], rows["gap_best_ci_low"], rows["gap_best_ci_high"],
                                                             rows["gap_best_ci_reliable"])],

@@ -92,50 +92,32 @@ class Resampled:
 
 def _patients_carrying(by_subject: np.ndarray, n_models: int) -> dict[str, np.ndarray]:
     """From one scope's per-patient sums (label, ~label, TP per model, FP per model, ...): how
-    many patients have a positive image, a negative one, and per model a true positive, a
-    false negative, a false positive, a true negative, an image some model gets wrong. These
-    are the clusters each metric rests on (informative_patients)."""
+    many patients have a positive image, a negative one, and per model a predicted positive
+    or a predicted negative, and an image some model gets wrong. These are the clusters each
+    number rests on (informative_patients)."""
     positive, negative = by_subject[:, 0], by_subject[:, 1]
     tp, fp = by_subject[:, 2:2 + n_models], by_subject[:, 2 + n_models:2 + 2 * n_models]
     fn, tn = positive[:, None] - tp, negative[:, None] - fp
     return {"all": np.array(by_subject.shape[0]), "positive": (positive > 0).sum(), "negative": (negative > 0).sum(),
-            "tp": (tp > 0).sum(axis=0), "fn": (fn > 0).sum(axis=0), "fp": (fp > 0).sum(axis=0), "tn": (tn > 0).sum(axis=0),
             "predicted_positive": (tp + fp > 0).sum(axis=0), "predicted_negative": (fn + tn > 0).sum(axis=0),
             "erring": (fn + fp > 0).any(axis=1).sum()}
 
 
 def informative_patients(tallies: Tallies) -> np.ndarray:
-    """(M, S, K) for every model, scope and METRIC the number of patients it rests on. A
-    proportion rests on the patients with the rarer of its two outcomes: sensitivity (and
-    FNR) on min(patients with a TP, with an FN), specificity (FPR) on min(TN, FP), PPV on
-    min(TP, FP), NPV on min(TN, FN), prevalence on min(positive, negative); balanced accuracy
-    on the fewer of sensitivity's and specificity's, AUROC on min(patients with a positive
-    image, with a negative one). An NPV of 0.99 from 500 patients rests on the few with a
-    false negative, and its interval must be as wide as they make it. The expanded interval's
-    degrees of freedom and the reliability rule (bootstrap.expanded_interval) use it."""
-    patients = tallies.patients
-    n_models = patients["tp"].shape[0]
-    per_scope = lambda counts: np.broadcast_to(counts, (n_models, counts.size))  # noqa: E731
-    sensitivity = np.minimum(patients["tp"], patients["fn"])
-    specificity = np.minimum(patients["tn"], patients["fp"])
-    columns = {"prevalence": per_scope(np.minimum(patients["positive"], patients["negative"])),
-               "auroc": per_scope(np.minimum(patients["positive"], patients["negative"])),
-               "balanced_accuracy": np.minimum(sensitivity, specificity), "sensitivity": sensitivity,
-               "specificity": specificity, "ppv": np.minimum(patients["tp"], patients["fp"]),
-               "npv": np.minimum(patients["tn"], patients["fn"]), "fnr": sensitivity, "fpr": specificity}
-    return np.stack([columns[name] for name in METRICS], axis=-1)
+    """(M, S, K) for every model, scope and METRIC the patients its value, and its gap between
+    groups, rest on: those in the metric's denominator (with a positive image for
+    sensitivity/FNR, a negative one for specificity/FPR, a predicted positive / negative for
+    PPV / NPV), the fewer of the patients with a positive and with a negative image for AUROC,
+    balanced accuracy and prevalence. Their count sets the t quantile of the expanded
+    interval, the reliability rule (bootstrap.reliable) and the effective sample size a
+    proportion's Wilson interval falls back to (bootstrap.wilson_interval).
 
-
-def gap_informative_patients(tallies: Tallies) -> np.ndarray:
-    """(M, S, K) the patients a gap between groups rests on: those in the metric's denominator
-    (with a positive image for sensitivity/FNR, a negative one for specificity/FPR, the fewer
-    of the two for AUROC and balanced accuracy, a predicted positive / negative for PPV / NPV).
-    Not the rarer outcome's, as for a value (informative_patients): a group whose positives are
-    nearly all missed has few patients with a true positive, yet its FNR gap is measured on all
-    its positives, and must stay testable. Measured: FNR gaps covered 0.945-0.969 on this count
-    (BENCHMARKS.md)."""
+    Not the patients with the rarer outcome (min(TP, FN) for sensitivity): that count moves
+    with the estimate, so marking its small values unreliable kept the intervals whose estimate
+    lay near the middle, and with it as degrees of freedom sensitivity, PPV and NPV covered
+    0.97-0.99 where it was 10-20 (BENCHMARKS.md, DECISIONS.md)."""
     patients = tallies.patients
-    n_models = patients["tp"].shape[0]
+    n_models = patients["predicted_positive"].shape[0]
     per_scope = lambda counts: np.broadcast_to(counts, (n_models, counts.size))  # noqa: E731
     both = per_scope(np.minimum(patients["positive"], patients["negative"]))
     columns = {"prevalence": both, "auroc": both, "balanced_accuracy": both,
