@@ -133,23 +133,30 @@ def explain_recipe(source: Source, keys: list[str], data: TaskData, *, out: Path
 def _pointing_row(source: Source, data: TaskData, explainer: Explainer, shards: Path,
                   settings: AugmentSettings, device: torch.device) -> dict | None:
     """The pointing score on up to POINTING_IMAGES positives, where the phantom drew regions."""
-    root = regions_root_of_shards(shards)
-    if root is None:
-        return None
     rng = np.random.default_rng(zlib.crc32(source.task.encode()))
     positives = np.flatnonzero(data.label)
     chosen = np.sort(rng.choice(positives, size=min(POINTING_IMAGES, len(positives)), replace=False))
-    rows = data.images.iloc[chosen]
-    masks = [finding_mask(region_path(root, dicom_id), source.task) for dicom_id in rows["dicom_id"]]
+    score = score_pointing(explainer, data.images.iloc[chosen], source.task, shards, settings, device)
+    return None if score is None else {"recipe": source.recipe, "task": source.task, "arch": source.arch, **score}
+
+
+def score_pointing(explainer: Explainer, images: pd.DataFrame, task: str, shards: Path, settings: AugmentSettings,
+                   device: torch.device) -> dict | None:
+    """pointing.pointing_score of the heatmaps of `images` (rows with dicom_id and key) against
+    the regions the phantom drew for `task`, on the part of the square the model sees; None
+    where the shards come from no phantom with regions, or none of the images has one."""
+    root = regions_root_of_shards(shards)
+    if root is None:
+        return None
+    masks = [finding_mask(region_path(root, dicom_id), task) for dicom_id in images["dicom_id"]]
     keep = [i for i, mask in enumerate(masks) if mask is not None]
     if not keep:
         return None
-    keys = rows["key"].to_numpy()[keep].tolist()
+    keys = images["key"].to_numpy()[keep].tolist()
     maps = heatmaps(explainer, squares(keys, shards, settings.load_size), settings, device)
     regions = [_resized(masks[i], maps.shape[-1]) for i in keep]
-    score = pointing_score([crop_window(m, settings.image_size) for m in maps],
-                           [crop_window(r, settings.image_size) for r in regions])
-    return {"recipe": source.recipe, "task": source.task, "arch": source.arch, **score}
+    return pointing_score([crop_window(m, settings.image_size) for m in maps],
+                          [crop_window(r, settings.image_size) for r in regions])
 
 
 def _resized(mask: np.ndarray, size: int) -> np.ndarray:
