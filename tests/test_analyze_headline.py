@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from cxr_fast.analyze import Settings, analyze
-from cxr_fast.analyze.headline import adjusted_findings, headline, overlaps
+from cxr_fast.analyze.headline import adjusted_findings, calibration_lines, headline, overlaps
 from cxr_fast.analyze.report import flagged_calibration_groups, headline_and_findings, headline_findings
 from cxr_fast.analyze.simulate import PlantedMiss, PlantedShift, simulate_predictions, write_prediction_files
 
@@ -111,6 +111,11 @@ def test_the_headline_names_a_miscalibrated_group(tmp_path):
     panels = [(attribute, group) for attribute, group, _ in flagged_calibration_groups(analysis.tables["calibration"],
                                                                                      analysis.tasks[0])]
     assert "Black" in panels[0][1] and ("race", "Black") in panels, panels
+    # The diagram draws the groups in the order the headline names them (one ranking for both).
+    names = [f"{attribute} = {group}" for attribute, group in panels]
+    named = [name for name in names if f"{name} (" in line]
+    assert named and sorted(named, key=line.index) == named
+    assert names[:len(named)] == named, (panels, line)
 
 
 def test_groups_overlap_unless_they_differ_on_a_shared_attribute():
@@ -152,3 +157,25 @@ def test_a_calibration_line_counts_and_describes_the_metric_it_names():
     (line,) = calibration_lines(table, {"effusion": 3})
     assert "race = Black (in different directions for different models, 3 of 3 models; calibration slope" in line
     assert "over-predicts" not in line
+
+
+def test_the_reliability_diagram_draws_groups_in_the_headlines_order():
+    """Three models; `race = White` flagged on its slope by all three, `race = Black` on its
+    calibration-in-the-large by two, `sex = F` on its calibration-in-the-large by one only. The
+    headline names Black (citl) then White (slope) and counts F; the diagram's panels follow."""
+    from cxr_fast.analyze.inputs import task_data
+
+    predictions = simulate_predictions(tasks=("edema",), archs=("a", "b", "c"), n_images=600, seed=0)
+    (data,) = task_data(predictions.assign(source=predictions["recipe"]))
+
+    def rows(attribute, group, metric, archs, gap):
+        return [{"task": "edema", "arch": arch, "attribute": attribute, "group": group, "metric": metric,
+                 "flagged": True, "gap_overall": gap, "value": 0.5, "overall": 0.5, "direction": "over-predicts risk"}
+                for arch in archs]
+
+    calibration = pd.DataFrame(rows("race", "White", "slope", "abc", 0.4) + rows("race", "Black", "citl", "ab", 0.1)
+                               + rows("sex", "F", "citl", "a", 0.3))
+    line = next(line for line in calibration_lines(calibration, {"edema": 3}))
+    assert line.index("race = Black (") < line.index("race = White (") and "1 flagged for at most half" in line
+    panels = [(attribute, group) for attribute, group, _ in flagged_calibration_groups(calibration, data)]
+    assert panels == [("race", "Black"), ("race", "White"), ("sex", "F")]

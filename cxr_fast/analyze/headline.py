@@ -19,6 +19,8 @@ task's own models.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import pandas as pd
 
@@ -196,36 +198,46 @@ def _unadjusted_lines(subgroups: pd.DataFrame, unadjusted: pd.DataFrame, models_
     return lines
 
 
+class CalibrationGroup(NamedTuple):
+    """A group with a flagged calibration gap for one task: the metric it is named by (citl or
+    slope, flagged for more than half of the task's models), None where no metric is, and the
+    flagged rows it is counted and described by (the named metric's, else all)."""
+
+    attribute: str
+    group: str
+    metric: str | None
+    rows: pd.DataFrame
+
+
+def ranked_calibration_groups(flagged: pd.DataFrame, n_models: int) -> list[CalibrationGroup]:
+    """One task's flagged calibration rows by group, in the order the headline names them and
+    the reliability diagram draws them: named groups first, citl before slope (the
+    probabilities mean another risk), then most models, then the largest median gap; groups
+    flagged for at most half of the models last, in the same order."""
+    ranked = []
+    for (attribute, group), cell in flagged.groupby(["attribute", "group"], sort=False):
+        by_metric = dict(tuple(cell.groupby("metric")))
+        named = next((metric for metric in ("citl", "slope") if metric in by_metric
+                      and 2 * by_metric[metric]["arch"].nunique() > n_models), None)
+        rows = by_metric[named] if named else cell
+        leading = named or ("citl" if "citl" in by_metric else "slope")
+        key = (named is None, leading != "citl", -rows["arch"].nunique(), -rows["gap_overall"].abs().median())
+        ranked.append((key, CalibrationGroup(str(attribute), str(group), named, rows)))
+    return [group for _, group in sorted(ranked, key=lambda item: item[0])]
+
+
 def calibration_lines(calibration: pd.DataFrame, models_per_task: dict[str, int]) -> list[str]:
-    """One line per task with flagged calibration gaps. Named: the groups whose calibration-in-
-    the-large, else whose slope, is flagged for more than half of the task's models (as the
-    adjusted findings), citl ones first (their probabilities mean another risk); most models,
-    then the largest median gap first. Count, direction and values are the named metric's. The
-    rest are counted."""
+    """One line per task with flagged calibration gaps, its groups in ranked_calibration_groups'
+    order: the named ones (count, direction and values are the named metric's); the rest are
+    counted."""
     flagged = calibration[calibration["flagged"]]
     lines = []
     for task, rows in flagged.groupby("task", sort=True):
-        groups, minority = [], 0
-        for (attribute, group), cell in rows.groupby(["attribute", "group"], sort=False):
-            by_metric = dict(tuple(cell.groupby("metric")))
-            # Named by a metric most of the task's models flag (citl first: the probabilities
-            # mean another risk, then the slope), and counted and described by that metric alone.
-            named = next((metric for metric in ("citl", "slope") if metric in by_metric
-                          and 2 * by_metric[metric]["arch"].nunique() > models_per_task[task]), None)
-            if named is None:
-                minority += 1
-                continue
-            main = by_metric[named]
-            n_flagged = main["arch"].nunique()
-            directions = main["direction"].unique()
-            direction = directions[0] if len(directions) == 1 else "in different directions for different models"
-            groups.append((named != "citl", -n_flagged, -main["gap_overall"].abs().median(),
-                           f"{_name(attribute, group)} ({direction}, {n_flagged} of "
-                           f"{models_per_task[task]} models; {METRIC_LABELS[named]} "
-                           f"{_span(main['value'])} vs overall {_span(main['overall'])})"))
-        groups.sort(key=lambda g: g[:3])
-        shown = [text for *_, text in groups[:MAX_CALIBRATION_GROUPS]]
-        rest = [f"{len(groups) - len(shown)} more" if len(groups) > len(shown) else "",
+        ranked = ranked_calibration_groups(rows, models_per_task[task])
+        named = [group for group in ranked if group.metric]
+        minority = len(ranked) - len(named)
+        shown = [_calibration_phrase(group, models_per_task[task]) for group in named[:MAX_CALIBRATION_GROUPS]]
+        rest = [f"{len(named) - len(shown)} more" if len(named) > len(shown) else "",
                 f"{minority} flagged for at most half of the models" if minority else ""]
         rest = " and ".join(filter(None, rest))
         if shown:
@@ -235,6 +247,13 @@ def calibration_lines(calibration: pd.DataFrame, models_per_task: dict[str, int]
             lines.append(f"{task}: calibration gaps flagged only for at most half of the task's models "
                          f"({minority} group(s), calibration.csv).")
     return lines
+
+
+def _calibration_phrase(group: CalibrationGroup, n_models: int) -> str:
+    directions = group.rows["direction"].unique()
+    direction = directions[0] if len(directions) == 1 else "in different directions for different models"
+    return (f"{_name(group.attribute, group.group)} ({direction}, {group.rows['arch'].nunique()} of {n_models} models; "
+            f"{METRIC_LABELS[group.metric]} {_span(group.rows['value'])} vs overall {_span(group.rows['overall'])})")
 
 
 def _systematic_lines(systematic: pd.DataFrame, unadjusted: pd.DataFrame, *, threshold: float) -> list[str]:

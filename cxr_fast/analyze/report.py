@@ -18,7 +18,7 @@ from cxr_fast.analyze.bootstrap import MIN_INFORMATIVE
 from cxr_fast.analyze.gallery import Gallery
 from cxr_fast.analyze.gallery_html import DUA_WARNING, GALLERY_CSS, gallery_section
 from cxr_fast.analyze.groups import group_sort_key, iter_groups
-from cxr_fast.analyze.headline import METRIC_LABELS, headline
+from cxr_fast.analyze.headline import METRIC_LABELS, headline, ranked_calibration_groups
 from cxr_fast.analyze.pipeline import DEFINITIONS, Analysis, versions
 from cxr_fast.errors import CxrError
 from cxr_fast.io import atomic_folder, write_bytes, write_csv, write_json
@@ -348,20 +348,14 @@ def figure_jobs(analysis: Analysis) -> figures.Jobs:
 
 
 def flagged_calibration_groups(calibration: pd.DataFrame, data) -> list[tuple[str, str, np.ndarray]]:
-    """The task's groups with a flagged calibration gap, in the headline's order (a flagged
-    calibration-in-the-large first, then most models, then the largest median gap), with
-    their image positions (the reliability diagram's panels)."""
+    """The task's groups with a flagged calibration gap, in the headline's order
+    (headline.ranked_calibration_groups), with their image positions (the reliability
+    diagram's panels)."""
     flagged = calibration[(calibration["task"] == data.task) & calibration["flagged"]]
-    by_group = flagged.groupby(["attribute", "group"])
-    citl = flagged[flagged["metric"] == "citl"].groupby(["attribute", "group"])["gap_overall"]
-    order = pd.DataFrame({"citl": by_group["metric"].agg(lambda metrics: (metrics == "citl").any()),
-                          "models": by_group["arch"].nunique(),
-                          # a group's gap in the metric it is named by: citl where flagged, else the slope
-                          "gap": citl.agg(lambda gaps: gaps.abs().median()).reindex(
-                              list(by_group.groups)).fillna(by_group["gap_overall"].agg(lambda gaps: gaps.abs().median()))})
-    order = order.sort_values(["citl", "models", "gap"], ascending=False, kind="stable")
-    positions = {(a, g): p for a, g, p in iter_groups(data.images)} if len(order) else {}
-    return [(a, g, positions[a, g]) for a, g in order.index[: figures.MAX_RELIABILITY_PANELS - 1]]
+    ranked = ranked_calibration_groups(flagged, len(data.archs))
+    positions = {(a, g): p for a, g, p in iter_groups(data.images)} if ranked else {}
+    return [(group.attribute, group.group, positions[group.attribute, group.group])
+            for group in ranked[: figures.MAX_RELIABILITY_PANELS - 1]]
 
 
 def render_html(analysis: Analysis, uris: dict | None = None, gallery: Gallery | None = None) -> str:
