@@ -54,7 +54,8 @@ def subgroup_table(
     Multiple testing: ONE Benjamini-Hochberg family per table over `p_harm` = every
     gap-to-overall test of a metric in `flag_metrics`, over all tasks, models, attributes and
     groups, restricted to groups with >= min_count positives and >= min_count negatives and a
-    reliable interval (`ci_reliable`, the group's value and gap rest on the same patients; others are reported with `tested` False). Flagged = q_value <= fdr.
+    reliable interval (`ci_reliable`: the group's value and its gap rest on the same patients;
+    others are reported with `tested` False). Flagged = q_value <= fdr.
     Why one-sided: only harm is a finding to act on, and two-sided p-values of groups doing
     *better* (small groups with a near-zero error rate have a small bootstrap SE) would
     otherwise fill the BH ranking and lower the bar for everything else.
