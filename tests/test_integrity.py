@@ -140,6 +140,44 @@ def test_the_streaming_loader_checks_shard_digests_at_start_up(copied_shards, mo
         make_loader("dali", val, copied_shards, SETTINGS, device=torch.device("cpu"), batch_size=8)
 
 
+def test_a_shard_that_matched_is_not_read_again_until_it_changes(copied_shards, monkeypatch):
+    """The start-up check of a study's many runs hashes each shard once; a shard rewritten
+    since (a new modification time), even to the same size, is read and checked again."""
+    from cxr_fast.data import integrity
+
+    reads = []
+    real_sha256 = integrity.file_sha256
+    monkeypatch.setattr(integrity, "file_sha256", lambda path: reads.append(path.name) or real_sha256(path))
+    names = sorted(manifest(copied_shards)["shard"].astype(str).unique())
+    integrity.check_shard_digests(copied_shards, names)
+    assert sorted(reads) == names
+    reads.clear()
+    integrity.check_shard_digests(copied_shards, names)
+    assert reads == []  # every stamp still holds
+    row = manifest(copied_shards).iloc[0]
+    path = copied_shards / row.shard
+    stamped = path.stat().st_mtime_ns
+    flip_byte(copied_shards, row)  # same size, new bytes
+    # A rewrite moves the modification time; on a coarse file-system clock it could fall in the
+    # tick of the stamp, so the test moves it explicitly.
+    os.utime(path, ns=(stamped + 10**9, stamped + 10**9))
+    with pytest.raises(CxrError, match=f"{copied_shards / row.shard}: sha256 differs"):
+        integrity.check_shard_digests(copied_shards, names)
+    assert reads == [row.shard]
+
+
+def test_an_unwritable_shard_folder_only_means_hashing_again(copied_shards, monkeypatch):
+    from cxr_fast.data import integrity
+
+    def refuse(path, obj):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(integrity, "write_json", refuse)
+    names = manifest(copied_shards)["shard"].astype(str).unique()
+    integrity.check_shard_digests(copied_shards, names)  # no error
+    assert not (copied_shards / integrity.CHECKED_FILE).exists()
+
+
 @pytest.mark.slow
 def test_training_on_a_flipped_byte_stops_in_one_line_naming_shard_and_key(copied_shards, tmp_path):
     rows = manifest(copied_shards)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 from cxr_fast.errors import CxrError
+from cxr_fast.io import write_json
 
 META_FILE = "meta.json"
 
@@ -74,8 +75,56 @@ def shard_problems(folder: Path, names: Iterable[str]) -> list[str]:
 
 def check_shard_digests(folder: Path, names: Iterable[str]) -> None:
     """Stop with one line when a shard of `names` is missing, truncated or not the one
-    recorded (the streaming loader's start-up check: it never decodes a member twice)."""
-    problems = shard_problems(folder, names)
+    recorded (the streaming loader's start-up check: it never decodes a member twice).
+
+    A shard that matched is not read again while it keeps the size and modification time it
+    had then (CHECKED_FILE, written where the folder is writable): a study's 114 runs, each
+    on several processes and restarted, would otherwise each read the whole shard set at
+    start-up. A byte that rots in place keeps both; `python -m cxr_fast.data.verify` finds it."""
+    folder = Path(folder)
+    records, checked = shard_records(folder), _read_checked(folder)
+    problems, matched = [], {}
+    for name in sorted(set(names)):
+        path, record = folder / name, records.get(name)
+        entry = {"sha256": (record or {}).get("sha256"), "stamp": _stamp(path)}
+        if entry["sha256"] and entry["stamp"] and checked.get(name) == entry:
+            continue
+        problem = shard_problem(path, record)
+        if problem:
+            problems.append(problem)
+        else:
+            matched[name] = entry
+    if matched:
+        _write_checked(folder, {**checked, **matched})
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CxrError(f"{problems[0]}{more}; python -m cxr_fast.data.verify {folder} lists every problem")
+
+
+# Shards whose sha256 matched their record: name -> {sha256, stamp: [size, mtime_ns]}.
+CHECKED_FILE = "checked.json"
+
+
+def _stamp(path: Path) -> list[int] | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return [status.st_size, status.st_mtime_ns]
+
+
+def _read_checked(folder: Path) -> dict:
+    try:
+        checked = json.loads((folder / CHECKED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return checked if isinstance(checked, dict) else {}
+
+
+def _write_checked(folder: Path, checked: dict) -> None:
+    """Best effort: a read-only or full shard folder (a shared copy of the data set) only
+    means the next start hashes again."""
+    try:
+        write_json(folder / CHECKED_FILE, checked)
+    except (OSError, CxrError):
+        pass
