@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from cxr_fast.data import shard_dataset, shards
+from cxr_fast.data.integrity import CHECKED_FILE
 from cxr_fast.errors import CxrError
 from cxr_fast.io import TEMPORARY_MARK
 from cxr_fast.locks import LOCK_NAME
@@ -33,10 +34,11 @@ COHORT_COLUMNS = ["key", "dicom_id", "subject_id", "study_id", "path", "view", "
 
 def digest_tree(folder: Path) -> dict[str, str]:
     """sha256 of every file sharding wrote below `folder`: not the lock, whose text names its
-    last holder, nor the decoded caches that runs (other tests) built from the shards."""
+    last holder, nor what runs (other tests) left beside the shards: the decoded caches and the
+    streaming loader's record of the shards it checked."""
     return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
             for path in sorted(folder.rglob("*"))
-            if path.is_file() and path.name != LOCK_NAME
+            if path.is_file() and path.name not in (LOCK_NAME, CHECKED_FILE)
             and path.relative_to(folder).parts[0] != DECODED_CACHE_FOLDER}
 
 
