@@ -66,13 +66,6 @@ def shard_problem(path: Path, record: dict | None) -> str | None:
     return None
 
 
-def shard_problems(folder: Path, names: Iterable[str]) -> list[str]:
-    folder = Path(folder)
-    records = shard_records(folder)
-    problems = (shard_problem(folder / name, records.get(name)) for name in sorted(set(names)))
-    return [problem for problem in problems if problem]
-
-
 def check_shard_digests(folder: Path, names: Iterable[str]) -> None:
     """Stop with one line when a shard of `names` is missing, truncated or not the one
     recorded (the streaming loader's start-up check: it never decodes a member twice).
