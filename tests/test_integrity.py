@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from cxr_fast.data import shard_dataset, shards
+from cxr_fast.data.integrity import CHECKED_FILE
 from cxr_fast.data.verify import main as verify_main
 from cxr_fast.errors import CxrError
 from cxr_fast.loading import make_loader
@@ -32,10 +33,11 @@ SETTINGS = AugmentSettings(image_size=64)
 
 @pytest.fixture()
 def copied_shards(phantom_shards, tmp_path) -> Path:
-    """The shared phantom shards as a fresh folder: without the decoded cache other tests built
-    from them (a cache decoded from the good bytes is the right data, so it is not re-read)."""
+    """The shared phantom shards as a fresh folder: without what other tests' runs left beside
+    them, the decoded cache (decoded from the good bytes, so it would not be re-read) and the
+    streaming loader's record of checked shards (which would skip the check)."""
     out = tmp_path / "shards"
-    shutil.copytree(phantom_shards, out, ignore=shutil.ignore_patterns(DECODED_CACHE_FOLDER))
+    shutil.copytree(phantom_shards, out, ignore=shutil.ignore_patterns(DECODED_CACHE_FOLDER, CHECKED_FILE))
     return out
 
 
