@@ -32,13 +32,14 @@ from pathlib import Path
 import numpy as np
 from scipy import optimize
 
-from cxr_fast.analyze.bootstrap import expanded_interval, percentile_interval, reliable, subject_weights, wilson_interval
+from cxr_fast.analyze.bootstrap import expanded_interval, percentile_interval, reliable, subject_weights
 from cxr_fast.analyze.consistency import kappa_arrays, kappa_from_sums
 from cxr_fast.analyze.inputs import TaskData
 from cxr_fast.analyze.parallel import workers
+from cxr_fast.analyze.performance import value_interval
 from cxr_fast.analyze.resampled import Resampled, informative_patients, metric_values
 from cxr_fast.io import write_json
-from cxr_fast.metrics import METRICS, PROPORTIONS, metric_matrix
+from cxr_fast.metrics import METRICS, metric_matrix
 
 RESULTS = Path("benchmarks/results")
 GROUP_SIZES = (60, 120, 600, 3000)
@@ -167,11 +168,11 @@ def run_cell(n_group: int, prevalence: float, *, replicates: int, bootstrap: int
 
 
 def report_interval(name: str, row: np.ndarray, informative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The report's interval of statistic `name` from its row (estimate, resamples), as
-    performance.value_interval and the gap and kappa tables make it: Wilson's for a
-    proportion's value, the expanded percentile interval for the rest."""
-    if name in PROPORTIONS:
-        return wilson_interval(row[:1], row[1:, None], informative)
+    """The report's interval of statistic `name` from its row (estimate, resamples): a value's
+    as the model and subgroup tables make it (performance.value_interval), a gap's and a
+    kappa's the expanded percentile interval."""
+    if name in METRICS:
+        return value_interval(row[:1], row[1:, None], informative, level=0.95, metrics=(name,))
     return expanded_interval(row[1:, None], informative)
 
 

@@ -193,18 +193,16 @@ def _rows(values: np.ndarray, gap_overall: np.ndarray, gap_best: np.ndarray, pat
     return pd.DataFrame(columns)
 
 
-_PROPORTION = np.isin(METRICS, PROPORTIONS)
-
-
-def value_interval(estimate: np.ndarray, samples: np.ndarray, informative: np.ndarray, *, level: float
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """The CI of every METRIC's value (METRICS on the last axis; samples with the resamples
+def value_interval(estimate: np.ndarray, samples: np.ndarray, informative: np.ndarray, *, level: float,
+                   metrics: tuple[str, ...] = METRICS) -> tuple[np.ndarray, np.ndarray]:
+    """The CI of each metric's value (`metrics` on the last axis; samples with the resamples
     first): Wilson's interval on the effective sample size for a proportion, the expanded
     percentile interval for AUROC and balanced accuracy (bootstrap.py; chosen by
     coverage_bench, DECISIONS.md). Gaps between groups keep the expanded interval."""
+    proportion = np.isin(metrics, PROPORTIONS)
     low, high = expanded_interval(samples, informative, level=level)
     wilson_low, wilson_high = wilson_interval(estimate, samples, informative, level=level)
-    return np.where(_PROPORTION, wilson_low, low), np.where(_PROPORTION, wilson_high, high)
+    return np.where(proportion, wilson_low, low), np.where(proportion, wilson_high, high)
 
 
 def _harm_direction(table: pd.DataFrame) -> np.ndarray:

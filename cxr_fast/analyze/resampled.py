@@ -98,7 +98,7 @@ def _patients_carrying(by_subject: np.ndarray, n_models: int) -> dict[str, np.nd
     positive, negative = by_subject[:, 0], by_subject[:, 1]
     tp, fp = by_subject[:, 2:2 + n_models], by_subject[:, 2 + n_models:2 + 2 * n_models]
     fn, tn = positive[:, None] - tp, negative[:, None] - fp
-    return {"all": np.array(by_subject.shape[0]), "positive": (positive > 0).sum(), "negative": (negative > 0).sum(),
+    return {"positive": (positive > 0).sum(), "negative": (negative > 0).sum(),
             "predicted_positive": (tp + fp > 0).sum(axis=0), "predicted_negative": (fn + tn > 0).sum(axis=0),
             "erring": (fn + fp > 0).any(axis=1).sum()}
 
