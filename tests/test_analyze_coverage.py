@@ -30,17 +30,21 @@ def test_statistics_are_the_group_numbers_computed_directly():
     rng = np.random.default_rng(1)
     data = bench.draw_task(rng, 120, intercept=bench.label_intercept(0.1))
     weights = subject_weights(n_subjects=data.n_subjects, n_resamples=20, seed=0, task=data.task)
-    values, patients = bench.statistics(Resampled(data=data, groups=bench.cell_groups(data, 120), weights=weights))
+    result = bench.statistics(Resampled(data=data, groups=bench.cell_groups(data, 120), weights=weights))
     in_group = data.subject_index < 120
     label, pred = data.label, data.pred[0]
     sensitivity = lambda rows: (label & pred & rows).sum() / (label & rows).sum()  # noqa: E731
-    assert values["sensitivity"][0] == pytest.approx(sensitivity(in_group))
-    assert values["gap_fnr"][0] == pytest.approx(sensitivity(np.ones_like(in_group)) - sensitivity(in_group))
+    assert result["sensitivity"].row[0] == pytest.approx(sensitivity(in_group))
+    assert result["gap_fnr"].row[0] == pytest.approx(sensitivity(np.ones_like(in_group)) - sensitivity(in_group))
     patients_with = lambda rows: np.unique(data.subject_index[in_group & rows]).size  # noqa: E731
-    assert patients["sensitivity"] == patients["gap_fnr"] == patients_with(label)
-    assert patients["npv"] == patients_with(~pred)
-    assert patients["auroc"] == min(patients_with(label), patients_with(~label))
-    assert all(row.shape == (21,) for row in values.values())
+    assert result["sensitivity"].informative == result["gap_fnr"].informative == patients_with(label)
+    assert result["sensitivity"].t_patients == patients_with(label)
+    assert result["npv"].informative == patients_with(~pred)
+    assert result["auroc"].informative == result["auroc"].t_patients == min(patients_with(label), patients_with(~label))
+    # Balanced accuracy and the gaps count the patients of both halves / sides (Welch-Satterthwaite).
+    assert result["balanced_accuracy"].t_patients > result["balanced_accuracy"].informative
+    assert patients_with(label) < result["gap_fnr"].t_patients < np.unique(data.subject_index[label]).size
+    assert all(statistic.row.shape == (21,) for statistic in result.values())
 
 
 def test_a_tiny_cell_is_summarised_and_rendered():

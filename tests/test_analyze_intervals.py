@@ -12,8 +12,8 @@ from scipy import stats
 
 from cxr_fast.analyze import consistency_table, model_table, subgroup_table
 from cxr_fast.analyze.bootstrap import (MIN_INFORMATIVE, expanded_interval, expanded_p_value, expanded_z,
-                                        percentile_interval, wilson_interval)
-from cxr_fast.analyze.performance import value_interval
+                                        percentile_interval, satterthwaite_patients, wilson_interval)
+from cxr_fast.analyze.performance import t_patients, value_interval, value_reliable
 from cxr_fast.analyze.resampled import informative_patients, resampled_tasks
 from cxr_fast.metrics import METRICS, PROPORTIONS
 from pred_fixtures import simulate_predictions
@@ -101,16 +101,86 @@ def test_intervals_on_too_few_patients_are_marked_unreliable_and_never_tested(pr
     table = subgroup_table(predictions=predictions, n_bootstrap=60, min_count=0)
     few = table["n_informative"] < MIN_INFORMATIVE
     assert few.any() and (~few).any()
-    assert (table["ci_reliable"] == ~few).all()
+    # PPV and NPV also need the patients of each class (prevalence's informative patients).
+    classes = table.loc[table["metric"] == "prevalence"].set_index(["arch", "attribute", "group"])["n_informative"]
+    rows_classes = classes.reindex(pd.MultiIndex.from_frame(table[["arch", "attribute", "group"]])).to_numpy()
+    few_classes = table["metric"].isin(["ppv", "npv"]).to_numpy() & (rows_classes < MIN_INFORMATIVE)
+    assert (few_classes & ~few).any()
+    assert (table["ci_reliable"] == ~(few | few_classes)).all()
+    assert (table["gap_overall_ci_reliable"] == ~few).all()
     assert not table.loc[few, "tested"].any()
     assert table.loc[~few & table["eligible"] & table["metric"].isin(["fnr", "auroc"]) & table["p_harm"].notna(),
                      "tested"].all()
     models = model_table(predictions=predictions, n_bootstrap=60)
-    assert (models["ci_reliable"] == (models["n_informative"] >= MIN_INFORMATIVE)).all()
+    rates = models[~models["metric"].isin(["ppv", "npv"])]
+    assert (rates["ci_reliable"] == (rates["n_informative"] >= MIN_INFORMATIVE)).all()
     assert models.loc[models["metric"] == "auroc", "ci_reliable"].all()  # 700 images: AUROC rests on many
     kappas = consistency_table(predictions=predictions, n_bootstrap=60, min_count=0)
     assert (kappas["ci_reliable"] == (kappas["n_informative"] >= MIN_INFORMATIVE)).all()
     assert not kappas.loc[~kappas["ci_reliable"], "eligible"].any()
+
+
+def test_a_predictive_value_on_a_handful_of_positive_patients_is_unreliable():
+    """NPV of a group with 100 patients predicted negative but 4 with a positive image: its
+    misses come from those 4, and its interval turns on one or two of them."""
+    informative = np.array([[4, 60, 60, 4, 100, 30, 100, 4, 100]])   # METRICS order
+    assert METRICS == ("prevalence", "auroc", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv",
+                       "fnr", "fpr")
+    ok = dict(zip(METRICS, value_reliable(informative)[0].tolist()))
+    assert not ok["npv"] and not ok["ppv"] and not ok["sensitivity"] and not ok["prevalence"]
+    assert ok["specificity"] and ok["fpr"]
+    informative[0, 0] = 12  # 12 patients of each class: the predictive values are reliable again
+    assert value_reliable(informative)[0, METRICS.index("npv")]
+
+
+def test_satterthwaite_patients_count_the_parts_that_carry_the_variance():
+    n = (np.array([11.0]), np.array([41.0]))
+    one_part = satterthwaite_patients([np.array([2.0]), np.array([0.0])], n)
+    assert one_part[0] == pytest.approx(11)          # all variance in the part on 11 patients
+    equal = satterthwaite_patients([np.array([1.0]), np.array([1.0])], n)
+    assert equal[0] == pytest.approx(1 + 4 / (1 / 10 + 1 / 40))
+    assert 11 < equal[0] < 11 + 41
+    # Fewer than 2 patients in a part, or nothing varies: the fewest patients.
+    assert satterthwaite_patients([np.array([1.0]), np.array([1.0])], (np.array([1.0]), np.array([40.0])))[0] == 1
+    assert satterthwaite_patients([np.array([0.0]), np.array([np.nan])], n)[0] == 11
+
+
+def test_balanced_accuracy_counts_the_patients_of_both_its_halves():
+    """Its t quantile: Welch-Satterthwaite over sensitivity (13 patients with a positive image)
+    and specificity (58 with a negative one), not the 13 alone, which covered 0.968."""
+    rng = np.random.default_rng(5)
+    at = {name: METRICS.index(name) for name in METRICS}
+    informative = np.array([13, 13, 13, 13, 58, 28, 53, 13, 58], dtype=float)
+    samples = rng.normal(0.6, 0.02, (2000, len(METRICS)))
+    for spread, expected in ((0.0, 13.0), (0.02, None)):
+        samples[:, at["specificity"]] = rng.normal(0.76, spread, 2000) if spread else 0.76
+        patients = t_patients(samples, informative)
+        variance = samples.var(axis=0, ddof=1)
+        ws = (variance[at["sensitivity"]] + variance[at["specificity"]]) ** 2 / (
+            variance[at["sensitivity"]] ** 2 / 12 + variance[at["specificity"]] ** 2 / 57)
+        assert patients[at["balanced_accuracy"]] == pytest.approx(expected or 1 + ws)
+        np.testing.assert_array_equal(np.delete(patients, at["balanced_accuracy"]),
+                                      np.delete(informative, at["balanced_accuracy"]))
+    assert 13 < patients[at["balanced_accuracy"]] < 13 + 58
+
+
+def test_a_gaps_test_and_interval_use_its_satterthwaite_degrees_of_freedom(predictions):
+    table = subgroup_table(predictions=predictions, n_bootstrap=200, min_count=0)
+    rows = table[table["gap_overall_ci_reliable"] & table["p_harm"].notna()]
+    # Both sides carry patients: at least the group's alone; the overall's count is the ceiling.
+    group_df = np.where(rows["metric"] == "balanced_accuracy", rows["df"], rows["n_informative"] - 1)
+    assert (rows["gap_overall_df"] >= group_df - 1e-9).all() and (rows["gap_overall_df"] > group_df + 1).any()
+    # The p-value and the interval are on the same t scale: the z the p-value implies on those
+    # degrees of freedom is the gap over the SE the interval's width implies at their quantile.
+    df = rows["gap_overall_df"].to_numpy()
+    z_from_p = stats.t.isf(rows["p_harm"].to_numpy(), df) / np.sqrt(df / (df + 1))
+    se_from_width = (rows["gap_overall_ci_high"] - rows["gap_overall_ci_low"]).to_numpy() / (2 * expanded_z(df + 1))
+    harm = np.where(rows["metric"].isin(["fnr", "fpr"]), 1, -1) * rows["gap_overall"].to_numpy()
+    clear = np.abs(harm) > 0.5 * se_from_width
+    assert clear.sum() > 20
+    assert np.median(z_from_p[clear] / (harm / se_from_width)[clear]) == pytest.approx(1, abs=0.1)
+    proportion = rows["metric"].isin(PROPORTIONS)
+    assert rows.loc[proportion, "df"].isna().all() and rows.loc[~proportion, "df"].notna().all()
 
 
 def test_with_no_group_differing_the_flagged_share_stays_within_the_fdr():

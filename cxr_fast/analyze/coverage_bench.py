@@ -11,11 +11,11 @@ The truth is the superpopulation value, computed once per cell on 2 million imag
 
 Every replicate runs the report's own arithmetic on the report's own resamples (subject
 weights, the AUROC kernel and the weighted tallies of cxr_fast.analyze.resampled, the
-intervals of cxr_fast.analyze.bootstrap), and records whether the plain percentile interval
-(before) and the report's interval (after: Wilson's for a proportion, the expanded percentile interval
-for the rest) hold the truth, and whether the analysis would call
-that interval reliable. Written to benchmarks/results/analyze-coverage-<machine>-<date>.json;
-the table in BENCHMARKS.md comes from it.
+intervals of cxr_fast.analyze.bootstrap and the degrees of freedom and reliability rules of
+cxr_fast.analyze.performance), and records whether the plain percentile interval (before) and the
+report's interval (after: Wilson's for a proportion, the expanded percentile interval for the rest)
+hold the truth, and whether the analysis would call that interval reliable. Written to
+benchmarks/results/analyze-coverage-<machine>-<date>.json; the table in BENCHMARKS.md comes from it.
 """
 
 from __future__ import annotations
@@ -27,16 +27,18 @@ import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import optimize
 
-from cxr_fast.analyze.bootstrap import expanded_interval, percentile_interval, reliable, subject_weights
+from cxr_fast.analyze.bootstrap import (expanded_interval, percentile_interval, reliable, satterthwaite_patients,
+                                        subject_weights)
 from cxr_fast.analyze.consistency import kappa_arrays, kappa_from_sums
 from cxr_fast.analyze.inputs import TaskData
 from cxr_fast.analyze.parallel import workers
-from cxr_fast.analyze.performance import value_interval
+from cxr_fast.analyze.performance import interval_sides, value_interval, value_reliable
 from cxr_fast.analyze.resampled import Resampled, informative_patients, metric_values
 from cxr_fast.io import write_json
 from cxr_fast.metrics import METRICS, metric_matrix
@@ -92,24 +94,40 @@ STATISTICS = ("auroc", "sensitivity", "specificity", "balanced_accuracy", "ppv",
               "kappa", "gap_kappa")
 
 
-def statistics(resampled: Resampled) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """The group's statistics of model 0 (and the models' kappa) in every resample row
-    (row 0 = estimate), and the patients each rests on, as the report computes them."""
+@dataclass(frozen=True)
+class Statistic:
+    """One statistic of one replicate: its row (estimate, then resamples), the patients its
+    t quantile counts, its informative patients and whether the report calls it reliable."""
+
+    row: np.ndarray
+    t_patients: float
+    informative: float
+    reliable: bool
+
+
+def statistics(resampled: Resampled) -> dict[str, Statistic]:
+    """The group's statistics of model 0 (and the models' kappa), as the subgroup table
+    computes them (performance.py)."""
     overall, by_group = metric_values(resampled)
-    informative = informative_patients(resampled.tallies)[0, 1]   # model 0, the group (scope 1)
+    informative = informative_patients(resampled.tallies)[0]      # model 0: (scope, K); scope 1 = the group
     group, everybody = by_group[0, 0], overall[0]                 # (K, 1 + R)
+    patients, variance = interval_sides(group[None], everybody, informative[1][None], informative[0])
+    gap_patients = satterthwaite_patients([variance["group"][0], variance["overall"]],
+                                          [patients["group"][0], patients["overall"]])
+    value_ok = value_reliable(informative[1])
     at = {name: METRICS.index(name) for name in METRICS}
-    values = {name: group[at[name]] for name in STATISTICS[:6]}
-    values["gap_fnr"] = group[at["fnr"]] - everybody[at["fnr"]]
-    values["gap_auroc"] = group[at["auroc"]] - everybody[at["auroc"]]
+    result = {name: Statistic(group[at[name]], float(patients["group"][0, at[name]]), float(informative[1, at[name]]),
+                              bool(value_ok[at[name]])) for name in STATISTICS[:6]}
+    for gap, metric in (("gap_fnr", "fnr"), ("gap_auroc", "auroc")):
+        result[gap] = Statistic(group[at[metric]] - everybody[at[metric]], float(gap_patients[at[metric]]),
+                                float(informative[1, at[metric]]), bool(reliable(informative[1, at[metric]])))
     tallies = resampled.tallies
     kappa = [kappa_from_sums(tallies.positives[s] + tallies.negatives[s], tallies.correct[:, s].T,
                              tallies.agreeing[s])["kappa"][:, 0] for s in (0, 1)]
-    values["kappa"], values["gap_kappa"] = kappa[1], kappa[1] - kappa[0]
-    patients = {name: float(informative[at[name]]) for name in STATISTICS[:6]}
-    patients |= {"gap_fnr": float(informative[at["fnr"]]), "gap_auroc": float(informative[at["auroc"]]),
-                 "kappa": float(tallies.patients["erring"][1]), "gap_kappa": float(tallies.patients["erring"][1])}
-    return values, patients
+    erring = float(tallies.patients["erring"][1])
+    result["kappa"] = Statistic(kappa[1], erring, erring, bool(reliable(erring)))
+    result["gap_kappa"] = Statistic(kappa[1] - kappa[0], erring, erring, bool(reliable(erring)))
+    return result
 
 
 def truth(prevalence: float, n_group: int, *, seed: int, n_rest: int = REST_PATIENTS,
@@ -153,12 +171,11 @@ def run_cell(n_group: int, prevalence: float, *, replicates: int, bootstrap: int
     for replicate in range(replicates):
         data = draw_task(rng, n_group, intercept=intercept)
         weights = subject_weights(n_subjects=data.n_subjects, n_resamples=bootstrap, seed=replicate, task=data.task)
-        values, patients = statistics(Resampled(data=data, groups=cell_groups(data, n_group), weights=weights))
-        for name, row in values.items():
-            summary = cell_outcome(name, row, patients[name], target[name])
+        for name, statistic in statistics(Resampled(data=data, groups=cell_groups(data, n_group), weights=weights)).items():
+            summary = cell_outcome(name, statistic, target[name])
             counts = tally[name]
             if summary["defined"]:
-                counts["patients"].append(patients[name])
+                counts["patients"].append(statistic.informative)
                 counts["covered"].append(summary["covered_report"])
             for key, hit in summary.items():
                 counts[key] += hit
@@ -167,21 +184,21 @@ def run_cell(n_group: int, prevalence: float, *, replicates: int, bootstrap: int
             "statistics": {name: summarize(counts, replicates) for name, counts in tally.items()}}
 
 
-def report_interval(name: str, row: np.ndarray, informative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The report's interval of statistic `name` from its row (estimate, resamples): a value's
-    as the model and subgroup tables make it (performance.value_interval), a gap's and a
-    kappa's the expanded percentile interval."""
+def report_interval(name: str, row: np.ndarray, patients: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The report's interval of statistic `name` from its row (estimate, resamples) and the
+    patients its t quantile counts: a value's as the model and subgroup tables make it
+    (performance.value_interval), a gap's and a kappa's the expanded percentile interval."""
     if name in METRICS:
-        return value_interval(row[:1], row[1:, None], informative, level=0.95, metrics=(name,))
-    return expanded_interval(row[1:, None], informative)
+        return value_interval(row[:1], row[1:, None], patients, level=0.95, metrics=(name,))
+    return expanded_interval(row[1:, None], patients)
 
 
-def cell_outcome(name: str, row: np.ndarray, patients: float, target: float) -> dict[str, bool]:
+def cell_outcome(name: str, statistic: Statistic, target: float) -> dict[str, bool]:
     """Whether the estimate is defined, the interval reliable, and each interval covers."""
-    informative = np.array([patients])
-    outcome = {"defined": bool(np.isfinite(row[0])), "reliable": bool(np.isfinite(row[0]) and reliable(informative)[0])}
+    row = statistic.row
+    outcome = {"defined": bool(np.isfinite(row[0])), "reliable": bool(np.isfinite(row[0]) and statistic.reliable)}
     for method, (low, high) in (("percentile", percentile_interval(row[1:, None])),
-                                ("report", report_interval(name, row, informative))):
+                                ("report", report_interval(name, row, np.array([statistic.t_patients])))):
         outcome[f"covered_{method}"] = bool(outcome["defined"] and low[0] <= target <= high[0])
     outcome["covered_report_reliable"] = outcome["reliable"] and outcome["covered_report"]
     return outcome

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cxr_fast.analyze.bootstrap import expanded_interval, expanded_p_value, reliable, wald_z, wilson_interval
+from cxr_fast.analyze.bootstrap import (bootstrap_variance, expanded_interval, expanded_p_value, reliable,
+                                        satterthwaite_patients, wald_z, wilson_interval)
 from cxr_fast.analyze.inputs import TaskData
 from cxr_fast.analyze.resampled import (Resampled, informative_patients, metric_values,
                                         resampled_tasks)
@@ -49,13 +50,13 @@ def subgroup_table(
 
     Tests: `p_gap_overall` is two-sided (gap != 0, matching the CI); `p_harm` is one-sided
     (H0: the group is served no worse than overall), both from z = gap / bootstrap SE on the
-    expanded intervals' scale (bootstrap.expanded_p_value: Student's t on the group's
-    informative patients).
+    expanded intervals' scale (bootstrap.expanded_p_value: Student's t with `gap_overall_df`
+    degrees of freedom, Welch-Satterthwaite's over the group and the overall).
     Multiple testing: ONE Benjamini-Hochberg family per table over `p_harm` = every
     gap-to-overall test of a metric in `flag_metrics`, over all tasks, models, attributes and
     groups, restricted to groups with >= min_count positives and >= min_count negatives and a
-    reliable interval (`ci_reliable`: the group's value and its gap rest on the same patients;
-    others are reported with `tested` False). Flagged = q_value <= fdr.
+    reliable gap (`gap_overall_ci_reliable`: at least MIN_INFORMATIVE informative patients in
+    the group; others are reported with `tested` False). Flagged = q_value <= fdr.
     Why one-sided: only harm is a finding to act on, and two-sided p-values of groups doing
     *better* (small groups with a near-zero error rate have a small bootstrap SE) would
     otherwise fill the BH ranking and lower the bar for everything else.
@@ -67,7 +68,7 @@ def subgroup_table(
 
 def flag_subgroups(table: pd.DataFrame, *, fdr: float, flag_metrics: tuple[str, ...] = FLAG_METRICS) -> pd.DataFrame:
     """Add tested / q_value / flagged: one BH family over the whole (all tasks) table."""
-    table["tested"] = (table["eligible"] & table["ci_reliable"] & table["metric"].isin(flag_metrics)
+    table["tested"] = (table["eligible"] & table["gap_overall_ci_reliable"] & table["metric"].isin(flag_metrics)
                        & table["p_harm"].notna())
     table["q_value"] = benjamini_hochberg(table["p_harm"].where(table["tested"]).to_numpy(float))
     table["flagged"] = table["tested"] & (table["q_value"] <= fdr) & (table["direction"] == "worse")
@@ -79,18 +80,20 @@ def model_rows(resampled: Resampled, overall: np.ndarray, *, level: float) -> pd
     data = resampled.data
     counts = _counts(data, np.arange(data.label.size))
     informative = informative_patients(resampled.tallies)[:, 0]                          # (M, K)
-    low, high = value_interval(overall[:, :, 0], np.moveaxis(overall[:, :, 1:], 2, 0), informative, level=level)  # (M, K)
+    estimate, samples = overall[:, :, 0], np.moveaxis(overall[:, :, 1:], 2, 0)
+    patients = t_patients(samples, informative)
+    low, high = value_interval(estimate, samples, patients, level=level)                 # (M, K)
     keep = np.isin(METRICS, MODEL_METRICS)
     n_models, n_metrics = len(data.archs), int(keep.sum())
     frame = pd.DataFrame({
         "task": data.task, "arch": np.repeat(data.archs, n_metrics), "recipe": np.repeat(data.recipes, n_metrics),
         **counts, "metric": np.tile(np.array(METRICS)[keep], n_models),
         "value": overall[:, keep, 0].ravel(), "ci_low": low[:, keep].ravel(), "ci_high": high[:, keep].ravel(),
-        "n_informative": informative[:, keep].ravel(), "ci_reliable": reliable(informative[:, keep]).ravel(),
-        "note": _class_note(counts),
+        "n_informative": informative[:, keep].ravel(), "df": interval_df(patients)[:, keep].ravel(),
+        "ci_reliable": value_reliable(informative)[:, keep].ravel(), "note": _class_note(counts),
     })
     return frame[["task", "arch", "recipe", "n", "n_subjects", "n_pos", "n_neg", "metric", "value", "ci_low", "ci_high",
-                  "n_informative", "ci_reliable", "note"]]
+                  "n_informative", "df", "ci_reliable", "note"]]
 
 
 def _counts(data: TaskData, positions: np.ndarray) -> dict[str, int]:
@@ -117,22 +120,34 @@ def subgroup_rows(resampled: Resampled, overall_values: np.ndarray, group_values
     group_info = group_info.loc[group_info.index.repeat(len(METRICS))].reset_index(drop=True)  # one row per metric
     eligible = group_info["eligible"].to_numpy()[:: len(METRICS)]
     attributes = np.array([attribute for attribute, _, _ in groups])
-    informative = informative_patients(resampled.tallies)[:, 1:]                         # (M, G, K)
+    informative = informative_patients(resampled.tallies)                                # (M, S, K)
     frames = []
     for m, (arch, recipe) in enumerate(zip(data.archs, data.recipes)):
         overall, values = overall_values[m], group_values[m]                               # (K, R), (G, K, R)
         best = _best_group(values[:, :, 0], attributes, eligible)                         # (G, K)
         at_best = (np.maximum(best, 0), np.arange(len(METRICS)))
         best_values = np.where((best >= 0)[:, :, None], values[at_best], np.nan)
-        # A gap to overall rests on the group's patients (the overall has many more); a gap
-        # to best on the fewer of the two groups'.
-        group = informative[m]
-        patients = {"value": group, "gap_overall": group,
-                    "gap_best": np.where(best >= 0, np.minimum(group, group[at_best]), group)}
-        frame = _rows(values, values - overall[None], values - best_values, patients, level=level)
+        group, everybody = informative[m, 1:], informative[m, 0]                           # (G, K), (K,)
+        patients, variance = interval_sides(values, overall, group, everybody)
+        # A gap's t quantile counts the patients of both its sides (Welch-Satterthwaite): the
+        # group and the overall (which holds the group; a stand-in for the rest, measured in
+        # coverage_bench), or the group and the best group. Its reliability, the group's
+        # patients; to best, the fewer of the two groups'.
+        gap_patients = {
+            "value": patients["group"],
+            "gap_overall": satterthwaite_patients([variance["group"], variance["overall"]],
+                                                  [patients["group"], patients["overall"]]),
+            "gap_best": np.where(best >= 0, satterthwaite_patients([variance["group"], variance["group"][at_best]],
+                                                                   [patients["group"], patients["group"][at_best]]),
+                                 patients["group"])}
+        frame = _rows(values, values - overall[None], values - best_values, gap_patients, level=level)
         frame["n_informative"] = group.ravel()
-        frame["ci_reliable"] = reliable(group).ravel()
-        frame["gap_best_ci_reliable"] = reliable(patients["gap_best"]).ravel()
+        frame["df"] = interval_df(patients["group"]).ravel()
+        frame["ci_reliable"] = value_reliable(group).ravel()
+        frame["gap_overall_df"] = (gap_patients["gap_overall"] - 1).ravel()
+        frame["gap_overall_ci_reliable"] = reliable(group).ravel()
+        frame["gap_best_df"] = (gap_patients["gap_best"] - 1).ravel()
+        frame["gap_best_ci_reliable"] = reliable(np.where(best >= 0, np.minimum(group, group[at_best]), group)).ravel()
         frame["overall"] = np.tile(overall[:, 0], len(groups))
         frame["best_group"] = [groups[b][1] if b >= 0 else "" for b in best.ravel()]
         frame["best_value"] = best_values[:, :, 0].ravel()
@@ -145,10 +160,11 @@ def subgroup_rows(resampled: Resampled, overall_values: np.ndarray, group_values
 
 _SUBGROUP_COLUMNS = [
     "task", "arch", "recipe", "attribute", "group", "n", "n_subjects", "n_pos", "n_neg", "eligible",
-    "metric", "value", "ci_low", "ci_high", "n_informative", "ci_reliable", "overall",
-    "gap_overall", "gap_overall_ci_low", "gap_overall_ci_high",
+    "metric", "value", "ci_low", "ci_high", "n_informative", "df", "ci_reliable", "overall",
+    "gap_overall", "gap_overall_ci_low", "gap_overall_ci_high", "gap_overall_df", "gap_overall_ci_reliable",
     "p_gap_overall", "p_harm", "direction",
-    "best_group", "best_value", "gap_best", "gap_best_ci_low", "gap_best_ci_high", "gap_best_ci_reliable", "p_gap_best",
+    "best_group", "best_value", "gap_best", "gap_best_ci_low", "gap_best_ci_high", "gap_best_df", "gap_best_ci_reliable",
+    "p_gap_best",
     "note",
 ]
 
@@ -193,16 +209,63 @@ def _rows(values: np.ndarray, gap_overall: np.ndarray, gap_best: np.ndarray, pat
     return pd.DataFrame(columns)
 
 
-def value_interval(estimate: np.ndarray, samples: np.ndarray, informative: np.ndarray, *, level: float,
+def value_interval(estimate: np.ndarray, samples: np.ndarray, patients: np.ndarray, *, level: float,
                    metrics: tuple[str, ...] = METRICS) -> tuple[np.ndarray, np.ndarray]:
     """The CI of each metric's value (`metrics` on the last axis; samples with the resamples
-    first): Wilson's interval on the effective sample size for a proportion, the expanded
-    percentile interval for AUROC and balanced accuracy (bootstrap.py; chosen by
-    coverage_bench, DECISIONS.md). Gaps between groups keep the expanded interval."""
+    first; `patients` from t_patients): Wilson's interval on the effective sample size for a
+    proportion, the expanded percentile interval for AUROC and balanced accuracy (bootstrap.py;
+    chosen by coverage_bench, DECISIONS.md). Gaps between groups keep the expanded interval."""
     proportion = np.isin(metrics, PROPORTIONS)
-    low, high = expanded_interval(samples, informative, level=level)
-    wilson_low, wilson_high = wilson_interval(estimate, samples, informative, level=level)
+    low, high = expanded_interval(samples, patients, level=level)
+    wilson_low, wilson_high = wilson_interval(estimate, samples, patients, level=level)
     return np.where(proportion, wilson_low, low), np.where(proportion, wilson_high, high)
+
+
+def t_patients(samples: np.ndarray, informative: np.ndarray) -> np.ndarray:
+    """(..., K) the patients each METRIC's t quantile counts (samples: (R, ..., K)): its
+    informative patients, except balanced accuracy, the mean of sensitivity (on the patients
+    with a positive image) and specificity (on those with a negative one): Welch-Satterthwaite
+    over its two halves (bootstrap.satterthwaite_patients)."""
+    at = {name: METRICS.index(name) for name in ("sensitivity", "specificity", "balanced_accuracy")}
+    variance, _ = bootstrap_variance(samples)
+    patients = np.array(informative, dtype=float)
+    patients[..., at["balanced_accuracy"]] = satterthwaite_patients(
+        [variance[..., at["sensitivity"]], variance[..., at["specificity"]]],
+        [informative[..., at["sensitivity"]], informative[..., at["specificity"]]])
+    return patients
+
+
+def interval_sides(values: np.ndarray, overall: np.ndarray, group: np.ndarray, everybody: np.ndarray
+           ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """t_patients and bootstrap variances of the groups' (G, K, 1 + R) and the overall (K, 1 + R) values."""
+    group_samples, overall_samples = np.moveaxis(values[:, :, 1:], 2, 0), overall[:, 1:].T
+    patients = {"group": t_patients(group_samples, group), "overall": t_patients(overall_samples, everybody)}
+    variance = {"group": bootstrap_variance(group_samples)[0], "overall": bootstrap_variance(overall_samples)[0]}
+    return patients, variance
+
+
+def interval_df(patients: np.ndarray, metrics: tuple[str, ...] = METRICS) -> np.ndarray:
+    """The degrees of freedom of each value's t quantile (NaN for a proportion: Wilson's interval has none)."""
+    return np.where(np.isin(metrics, PROPORTIONS), np.nan, np.asarray(patients, dtype=float) - 1)
+
+
+# PPV and NPV depend on the prevalence: one of their outcomes comes from a single class (a
+# false negative, counted against NPV, only from patients with a positive image).
+PREDICTIVE_VALUES: tuple[str, ...] = ("ppv", "npv")
+
+
+def value_reliable(informative: np.ndarray, metrics: tuple[str, ...] = METRICS) -> np.ndarray:
+    """(..., K) whether a value's interval keeps its coverage: at least MIN_INFORMATIVE
+    informative patients (bootstrap.reliable); for PPV and NPV also at least as many with a
+    positive and with a negative image (the prevalence's informative patients, min of the two).
+
+    Why (coverage_bench, DECISIONS.md): NPV with ~5 patients with a positive image, two of them
+    missed, covered 0.968. Its interval then turns on a count of one or two, where any interval
+    for a proportion swings around its level (Wilson's covers 0.97 at 2 expected events).
+    Counting the class, not the missed patients, does not pick intervals by their outcome."""
+    classes = np.asarray(informative)[..., [metrics.index("prevalence")]]
+    predictive = np.isin(metrics, PREDICTIVE_VALUES)
+    return reliable(informative) & (~predictive | reliable(classes))
 
 
 def _harm_direction(table: pd.DataFrame) -> np.ndarray:

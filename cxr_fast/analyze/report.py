@@ -108,8 +108,10 @@ HOW_TO_READ = """
 Every number comes with a 95% confidence interval from a patient-level bootstrap: patients (not
 images) are resampled, because images of one patient are not independent. The interval is widened
 to a t quantile on the patients the number rests on (those with a positive image for sensitivity,
-...), which keeps its 95% in small groups; an interval marked &dagger; rests on fewer than
-{min_informative} such patients and does not keep its 95% (unreliable: such rows are never tested).
+...; both halves of balanced accuracy and both sides of a gap count), and a proportion's is
+Wilson's on the images discounted for patient clustering, which keeps its 95% in small groups; an
+interval marked &dagger; rests on fewer than {min_informative} such patients (for PPV and NPV, or
+of either class) and does not keep its 95% (unreliable: such gaps are never tested).
 A <b>gap</b> is the group's value minus the model's value on the whole test set (gap to overall), or
 minus the best-served group of the same attribute (gap to best). For FNR and FPR a positive gap
 is worse; for AUROC, balanced accuracy, sensitivity, specificity, PPV and NPV a negative gap is worse.
@@ -155,7 +157,7 @@ def _subgroup_display(rows: pd.DataFrame) -> pd.DataFrame:
         "value [95% CI]": [_with_ci(*v) for v in zip(rows["value"], rows["ci_low"], rows["ci_high"], rows["ci_reliable"])],
         "overall": rows["overall"],
         "gap to overall [95% CI]": [_with_ci(*v) for v in zip(rows["gap_overall"], rows["gap_overall_ci_low"],
-                                                               rows["gap_overall_ci_high"], rows["ci_reliable"])],
+                                                               rows["gap_overall_ci_high"], rows["gap_overall_ci_reliable"])],
         "p (harm, 1-sided)": rows["p_harm"], "q": rows["q_value"], "flagged": rows["flagged"],
         "gap to best [95% CI]": [_with_ci(*v) for v in zip(rows["gap_best"], rows["gap_best_ci_low"], rows["gap_best_ci_high"],
                                                             rows["gap_best_ci_reliable"])],
