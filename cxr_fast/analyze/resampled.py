@@ -109,8 +109,10 @@ def informative_patients(tallies: Tallies) -> np.ndarray:
     sensitivity/FNR, a negative one for specificity/FPR, a predicted positive / negative for
     PPV / NPV), the fewer of the patients with a positive and with a negative image for AUROC,
     balanced accuracy and prevalence. Their count sets the t quantile of the expanded
-    interval, the reliability rule (bootstrap.reliable) and the effective sample size a
-    proportion's Wilson interval falls back to (bootstrap.wilson_interval).
+    interval (balanced accuracy and the gaps combine their parts' counts:
+    performance.t_patients, bootstrap.satterthwaite_patients), the reliability rule
+    (performance.value_reliable) and the effective sample size a proportion's Wilson interval
+    falls back to (bootstrap.wilson_interval).
 
     Not the patients with the rarer outcome (min(TP, FN) for sensitivity): that count moves
     with the estimate, so marking its small values unreliable kept the intervals whose estimate
