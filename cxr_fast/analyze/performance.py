@@ -133,20 +133,20 @@ def subgroup_rows(resampled: Resampled, overall_values: np.ndarray, group_values
         # group and the overall (which holds the group; a stand-in for the rest, measured in
         # coverage_bench), or the group and the best group. Its reliability, the group's
         # patients; to best, the fewer of the two groups'.
-        gap_patients = {
+        t_counts = {
             "value": patients["group"],
             "gap_overall": satterthwaite_patients([variance["group"], variance["overall"]],
                                                   [patients["group"], patients["overall"]]),
             "gap_best": np.where(best >= 0, satterthwaite_patients([variance["group"], variance["group"][at_best]],
                                                                    [patients["group"], patients["group"][at_best]]),
                                  patients["group"])}
-        frame = _rows(values, values - overall[None], values - best_values, gap_patients, level=level)
+        frame = _rows(values, values - overall[None], values - best_values, t_counts, level=level)
         frame["n_informative"] = group.ravel()
         frame["df"] = interval_df(patients["group"]).ravel()
         frame["ci_reliable"] = value_reliable(group).ravel()
-        frame["gap_overall_df"] = (gap_patients["gap_overall"] - 1).ravel()
+        frame["gap_overall_df"] = (t_counts["gap_overall"] - 1).ravel()
         frame["gap_overall_ci_reliable"] = reliable(group).ravel()
-        frame["gap_best_df"] = (gap_patients["gap_best"] - 1).ravel()
+        frame["gap_best_df"] = (t_counts["gap_best"] - 1).ravel()
         frame["gap_best_ci_reliable"] = reliable(np.where(best >= 0, np.minimum(group, group[at_best]), group)).ravel()
         frame["overall"] = np.tile(overall[:, 0], len(groups))
         frame["best_group"] = [groups[b][1] if b >= 0 else "" for b in best.ravel()]
@@ -186,7 +186,7 @@ def _best_group(point: np.ndarray, attributes: np.ndarray, eligible: np.ndarray)
 def _rows(values: np.ndarray, gap_overall: np.ndarray, gap_best: np.ndarray, patients: dict[str, np.ndarray], *,
           level: float) -> pd.DataFrame:
     """Flatten (G, K, 1 + B) arrays into G*K rows: estimate (resample 0), CI, p-value; the CI
-    and p-value of each on the scale of its (G, K) informative `patients`."""
+    and p-value of each on the t quantile of its (G, K) `patients` (1 + degrees of freedom)."""
     columns = {"metric": np.tile(METRICS, values.shape[0])}
     for prefix, array in (("", values), ("gap_overall", gap_overall), ("gap_best", gap_best)):
         samples = np.moveaxis(array[:, :, 1:], 2, 0)
@@ -236,8 +236,10 @@ def t_patients(samples: np.ndarray, informative: np.ndarray) -> np.ndarray:
 
 
 def interval_sides(values: np.ndarray, overall: np.ndarray, group: np.ndarray, everybody: np.ndarray
-           ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """t_patients and bootstrap variances of the groups' (G, K, 1 + R) and the overall (K, 1 + R) values."""
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """t_patients and bootstrap variances of the groups' (G, K, 1 + R) and the overall (K, 1 + R)
+    values, from their informative patients `group` (G, K) and `everybody` (K,): the two sides a gap
+    to overall combines."""
     group_samples, overall_samples = np.moveaxis(values[:, :, 1:], 2, 0), overall[:, 1:].T
     patients = {"group": t_patients(group_samples, group), "overall": t_patients(overall_samples, everybody)}
     variance = {"group": bootstrap_variance(group_samples)[0], "overall": bootstrap_variance(overall_samples)[0]}
