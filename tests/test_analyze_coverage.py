@@ -45,6 +45,18 @@ def test_statistics_are_the_group_numbers_computed_directly():
     assert result["balanced_accuracy"].t_patients > result["balanced_accuracy"].informative
     assert patients_with(label) < result["gap_fnr"].t_patients < np.unique(data.subject_index[label]).size
     assert all(statistic.row.shape == (21,) for statistic in result.values())
+    specificity = lambda rows: (~label & ~pred & rows).sum() / (~label & rows).sum()  # noqa: E731
+    assert result["gap_fpr"].row[0] == pytest.approx(specificity(np.ones_like(in_group)) - specificity(in_group))
+    assert result["gap_balanced_accuracy"].row[0] == pytest.approx(
+        (sensitivity(in_group) + specificity(in_group) - sensitivity(np.ones_like(in_group))
+         - specificity(np.ones_like(in_group))) / 2)
+
+
+def test_the_study_measures_every_gap_that_can_raise_a_flag():
+    from cxr_fast.analyze.performance import FLAG_METRICS
+
+    assert set(bench.GAPS.values()) == set(FLAG_METRICS)
+    assert set(bench.GAPS) <= set(bench.STATISTICS)
 
 
 def test_a_tiny_cell_is_summarised_and_rendered():

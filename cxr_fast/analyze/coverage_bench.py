@@ -33,8 +33,7 @@ from pathlib import Path
 import numpy as np
 from scipy import optimize
 
-from cxr_fast.analyze.bootstrap import (expanded_interval, percentile_interval, reliable, satterthwaite_patients,
-                                        subject_weights)
+from cxr_fast.analyze.bootstrap import expanded_interval, percentile_interval, reliable, subject_weights
 from cxr_fast.analyze.consistency import kappa_arrays, kappa_from_sums
 from cxr_fast.analyze.inputs import TaskData
 from cxr_fast.analyze.parallel import workers
@@ -90,8 +89,10 @@ def draw_task(rng: np.random.Generator, n_group: int, *, intercept: float, n_res
                     subject_index=np.r_[group[0], rest[0] + n_group])
 
 
-STATISTICS = ("auroc", "sensitivity", "specificity", "balanced_accuracy", "ppv", "npv", "gap_fnr", "gap_auroc",
-              "kappa", "gap_kappa")
+STATISTICS = ("auroc", "sensitivity", "specificity", "balanced_accuracy", "ppv", "npv", "gap_fnr", "gap_fpr",
+              "gap_balanced_accuracy", "gap_auroc", "kappa", "gap_kappa")
+# The gaps to overall of the metrics that raise flags (performance.FLAG_METRICS).
+GAPS = {"gap_fnr": "fnr", "gap_fpr": "fpr", "gap_balanced_accuracy": "balanced_accuracy", "gap_auroc": "auroc"}
 
 
 @dataclass(frozen=True)
@@ -111,15 +112,13 @@ def statistics(resampled: Resampled) -> dict[str, Statistic]:
     overall, by_group = metric_values(resampled)
     informative = informative_patients(resampled.tallies)[0]      # model 0: (scope, K); scope 1 = the group
     group, everybody = by_group[0, 0], overall[0]                 # (K, 1 + R)
-    patients, variance = interval_sides(group[None], everybody, informative[1][None], informative[0])
-    gap_patients = satterthwaite_patients([variance["group"][0], variance["overall"]],
-                                          [patients["group"][0], patients["overall"]])
+    patients, _ = interval_sides(group[None], everybody, informative[1][None], informative[0])
     value_ok = value_reliable(informative[1])
     at = {name: METRICS.index(name) for name in METRICS}
     result = {name: Statistic(group[at[name]], float(patients["group"][0, at[name]]), float(informative[1, at[name]]),
                               bool(value_ok[at[name]])) for name in STATISTICS[:6]}
-    for gap, metric in (("gap_fnr", "fnr"), ("gap_auroc", "auroc")):
-        result[gap] = Statistic(group[at[metric]] - everybody[at[metric]], float(gap_patients[at[metric]]),
+    for gap, metric in GAPS.items():
+        result[gap] = Statistic(group[at[metric]] - everybody[at[metric]], float(patients["gap_overall"][0, at[metric]]),
                                 float(informative[1, at[metric]]), bool(reliable(informative[1, at[metric]])))
     tallies = resampled.tallies
     kappa = [kappa_from_sums(tallies.positives[s] + tallies.negatives[s], tallies.correct[:, s].T,
@@ -147,9 +146,8 @@ def truth(prevalence: float, n_group: int, *, seed: int, n_rest: int = REST_PATI
     kappa = kappa_arrays(weights, (score >= THRESHOLD) == label[None])["kappa"][:, 0]
     at = {name: METRICS.index(name) for name in METRICS}
     result = {name: float(group[at[name]]) for name in STATISTICS[:6]}
-    result |= {"gap_fnr": float(group[at["fnr"]] - everybody[at["fnr"]]),
-               "gap_auroc": float(group[at["auroc"]] - everybody[at["auroc"]]),
-               "kappa": float(kappa[0]), "gap_kappa": float(kappa[0] - kappa[1])}
+    result |= {gap: float(group[at[metric]] - everybody[at[metric]]) for gap, metric in GAPS.items()}
+    result |= {"kappa": float(kappa[0]), "gap_kappa": float(kappa[0] - kappa[1])}
     return result
 
 

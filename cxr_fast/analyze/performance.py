@@ -130,13 +130,10 @@ def subgroup_rows(resampled: Resampled, overall_values: np.ndarray, group_values
         group, everybody = informative[m, 1:], informative[m, 0]                           # (G, K), (K,)
         patients, variance = interval_sides(values, overall, group, everybody)
         # A gap's t quantile counts the patients of both its sides (Welch-Satterthwaite): the
-        # group and the overall (which holds the group; a stand-in for the rest, measured in
-        # coverage_bench), or the group and the best group. Its reliability, the group's
+        # group and the overall, or the group and the best group. Its reliability, the group's
         # patients; to best, the fewer of the two groups'.
         t_counts = {
-            "value": patients["group"],
-            "gap_overall": satterthwaite_patients([variance["group"], variance["overall"]],
-                                                  [patients["group"], patients["overall"]]),
+            "value": patients["group"], "gap_overall": patients["gap_overall"],
             "gap_best": np.where(best >= 0, satterthwaite_patients([variance["group"], variance["group"][at_best]],
                                                                    [patients["group"], patients["group"][at_best]]),
                                  patients["group"])}
@@ -238,11 +235,14 @@ def t_patients(samples: np.ndarray, informative: np.ndarray) -> np.ndarray:
 def interval_sides(values: np.ndarray, overall: np.ndarray, group: np.ndarray, everybody: np.ndarray
                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """t_patients and bootstrap variances of the groups' (G, K, 1 + R) and the overall (K, 1 + R)
-    values, from their informative patients `group` (G, K) and `everybody` (K,): the two sides a gap
-    to overall combines."""
+    values, from their informative patients `group` (G, K) and `everybody` (K,), and the patients
+    the t quantile of each gap to overall counts: Welch-Satterthwaite's over its two sides (the
+    overall holds the group; a stand-in for the rest, measured in coverage_bench)."""
     group_samples, overall_samples = np.moveaxis(values[:, :, 1:], 2, 0), overall[:, 1:].T
     patients = {"group": t_patients(group_samples, group), "overall": t_patients(overall_samples, everybody)}
     variance = {"group": bootstrap_variance(group_samples)[0], "overall": bootstrap_variance(overall_samples)[0]}
+    patients["gap_overall"] = satterthwaite_patients([variance["group"], variance["overall"]],
+                                                     [patients["group"], patients["overall"]])
     return patients, variance
 
 
