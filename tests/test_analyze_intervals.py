@@ -11,8 +11,8 @@ import pytest
 from scipy import stats
 
 from cxr_fast.analyze import consistency_table, model_table, subgroup_table
-from cxr_fast.analyze.bootstrap import (MIN_INFORMATIVE, expanded_interval, expanded_p_value, expanded_z,
-                                        percentile_interval, satterthwaite_patients, wilson_interval)
+from cxr_fast.analyze.bootstrap import (MIN_INFORMATIVE, bootstrap_variance, expanded_interval, expanded_p_value,
+                                        expanded_z, percentile_interval, satterthwaite_patients, wilson_interval)
 from cxr_fast.analyze.performance import t_patients, value_interval, value_reliable
 from cxr_fast.analyze.resampled import informative_patients, resampled_tasks
 from cxr_fast.metrics import METRICS, PROPORTIONS
@@ -154,7 +154,7 @@ def test_balanced_accuracy_counts_the_patients_of_both_its_halves():
     samples = rng.normal(0.6, 0.02, (2000, len(METRICS)))
     for spread, expected in ((0.0, 13.0), (0.02, None)):
         samples[:, at["specificity"]] = rng.normal(0.76, spread, 2000) if spread else 0.76
-        patients = t_patients(samples, informative)
+        patients = t_patients(bootstrap_variance(samples)[0], informative)
         variance = samples.var(axis=0, ddof=1)
         ws = (variance[at["sensitivity"]] + variance[at["specificity"]]) ** 2 / (
             variance[at["sensitivity"]] ** 2 / 12 + variance[at["specificity"]] ** 2 / 57)

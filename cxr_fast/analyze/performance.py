@@ -81,7 +81,7 @@ def model_rows(resampled: Resampled, overall: np.ndarray, *, level: float) -> pd
     counts = _counts(data, np.arange(data.label.size))
     informative = informative_patients(resampled.tallies)[:, 0]                          # (M, K)
     estimate, samples = overall[:, :, 0], np.moveaxis(overall[:, :, 1:], 2, 0)
-    patients = t_patients(samples, informative)
+    patients = t_patients(bootstrap_variance(samples)[0], informative)
     low, high = value_interval(estimate, samples, patients, level=level)                 # (M, K)
     keep = np.isin(METRICS, MODEL_METRICS)
     n_models, n_metrics = len(data.archs), int(keep.sum())
@@ -218,13 +218,12 @@ def value_interval(estimate: np.ndarray, samples: np.ndarray, patients: np.ndarr
     return np.where(proportion, wilson_low, low), np.where(proportion, wilson_high, high)
 
 
-def t_patients(samples: np.ndarray, informative: np.ndarray) -> np.ndarray:
-    """(..., K) the patients each METRIC's t quantile counts (samples: (R, ..., K)): its
-    informative patients, except balanced accuracy, the mean of sensitivity (on the patients
-    with a positive image) and specificity (on those with a negative one): Welch-Satterthwaite
-    over its two halves (bootstrap.satterthwaite_patients)."""
+def t_patients(variance: np.ndarray, informative: np.ndarray) -> np.ndarray:
+    """(..., K) the patients each METRIC's t quantile counts, from the values' bootstrap
+    variances (..., K): its informative patients, except balanced accuracy, the mean of
+    sensitivity (on the patients with a positive image) and specificity (on those with a
+    negative one): Welch-Satterthwaite over its two halves (bootstrap.satterthwaite_patients)."""
     at = {name: METRICS.index(name) for name in ("sensitivity", "specificity", "balanced_accuracy")}
-    variance, _ = bootstrap_variance(samples)
     patients = np.array(informative, dtype=float)
     patients[..., at["balanced_accuracy"]] = satterthwaite_patients(
         [variance[..., at["sensitivity"]], variance[..., at["specificity"]]],
@@ -239,8 +238,8 @@ def interval_sides(values: np.ndarray, overall: np.ndarray, group: np.ndarray, e
     the t quantile of each gap to overall counts: Welch-Satterthwaite's over its two sides (the
     overall holds the group; a stand-in for the rest, measured in coverage_bench)."""
     group_samples, overall_samples = np.moveaxis(values[:, :, 1:], 2, 0), overall[:, 1:].T
-    patients = {"group": t_patients(group_samples, group), "overall": t_patients(overall_samples, everybody)}
     variance = {"group": bootstrap_variance(group_samples)[0], "overall": bootstrap_variance(overall_samples)[0]}
+    patients = {"group": t_patients(variance["group"], group), "overall": t_patients(variance["overall"], everybody)}
     patients["gap_overall"] = satterthwaite_patients([variance["group"], variance["overall"]],
                                                      [patients["group"], patients["overall"]])
     return patients, variance
