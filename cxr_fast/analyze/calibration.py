@@ -202,7 +202,8 @@ def calibration_rows(resampled: Resampled, values: np.ndarray, *, min_count: int
     gaps[:, 0] = np.nan  # everybody vs everybody: no gap
     # Every calibration metric compares predicted with observed risk in both classes: like AUROC
     # (and its gap), it rests on the fewer of the scope's patients with a positive image and with
-    # a negative one; the expanded intervals and p-values are on that scale, as the subgroup table's.
+    # a negative one; the expanded intervals and p-values are on that scale, gaps included (the
+    # subgroup table's gaps count both sides, Welch-Satterthwaite; not measured here, see DECISIONS.md).
     carrying = resampled.tallies.patients
     informative = np.broadcast_to(np.minimum(carrying["positive"], carrying["negative"])[None, :, None],
                                   (n_models, n_scopes, n_metrics))

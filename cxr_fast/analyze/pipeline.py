@@ -120,7 +120,7 @@ DEFINITIONS = {
         f"and 1; slope < 1: probabilities too extreme), expected calibration error (ece) over {ECE_BINS} equal-width "
         "bins of [0, 1] (a probability on a bin edge counts in the lower bin). Intervals and tests as for the "
         "subgroup gaps, from the same patient resamples (slope and intercept per resample by one Newton step from "
-        "the fit). One Benjamini-Hochberg family for the whole table over the two-sided gap-to-overall tests of "
+        "the fit), with n_informative - 1 degrees of freedom for the values and the gaps alike. One Benjamini-Hochberg family for the whole table over the two-sided gap-to-overall tests of "
         "citl and slope in groups with >= min_count positives and negatives and a reliable interval (ci_reliable); "
         "flagged = q <= fdr. ECE and the intercept are reported, not tested (ECE grows as a group shrinks; the "
         "intercept restates citl)."
